@@ -1,0 +1,57 @@
+"""The `unix` command. Thin: each command group registers its own parser (`register(subparsers)` in
+`unix/<area>/commands.py`) and calls into the package; user errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from unix.errors import UserError
+
+# Command groups: module path of a `register(subparsers)` function. Imported lazily so that
+# `unix --help` stays fast and one broken optional dependency cannot take down every command.
+COMMAND_MODULES = [
+    "unix.weights.commands",  # unix weights layout|check
+    "unix.data.commands",  # unix data phantom|...
+    "unix.eval.commands",  # unix eval reports|images|label
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unix", description="UniX chest X-ray model: reports, images, training, evaluation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("unix."):
+                continue  # that command group is not part of this build yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"unix: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed configuration: dataclass schemas, loaded from OmegaConf YAML files plus `key=value` overrides.
+
+A YAML key that the schema does not declare is an error, and so is a value outside a closed set
+(`Literal`). Every field says what it is; the defaults are the released UniX sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+
+from unix.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override that does not fit its schema."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LMConfig:
+    """The decoder stack (Janus-Pro-1B language model sizes + UniX's q/k/v biases and QK-norm)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5632  # SwiGLU inner width
+    num_layers: int = 24
+    num_heads: int = 16
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = True  # per-head RMSNorm on q and k before RoPE (weight shape [head_dim])
+    qkv_bias: bool = True  # Qwen2-style biases on q/k/v (o_proj has none)
+
+    def __post_init__(self) -> None:
+        if self.num_heads * self.head_dim != self.hidden_size:
+            raise ConfigError(
+                f"lm: num_heads*head_dim ({self.num_heads}*{self.head_dim}) must equal hidden_size ({self.hidden_size})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError("lm.head_dim must be even (rotate-half RoPE)")
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP ViT (no class token, learned positions) and the MLP connector into the decoder."""
+
+    image_size: int = 384  # the ViT takes exactly this square input
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    ln_eps: float = 1e-6
+    # Janus' projector (what the weights were trained with) uses exact GELU; the reference
+    # inference code runs tanh-GELU. Exact is the default; "gelu_tanh" is the compat switch.
+    connector_act: Literal["gelu", "gelu_tanh"] = "gelu"
+    image_mean: float = 0.555895  # chest-X-ray statistics of the released image processor
+    image_std: float = 0.336385
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError("vision.image_size must be a multiple of vision.patch_size")
+        if self.width % self.num_heads:
+            raise ConfigError("vision.width must be divisible by vision.num_heads")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class VAEConfig:
+    """KL autoencoder (LDM kl-f16 layout, built with diffusers' AutoencoderKL), frozen."""
+
+    in_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 256, 512])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    # z' = scale * (z - shift): the released VAE's latent normalisation.
+    scale: float = 0.238092
+    shift: float = -0.201906
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class GenConfig:
+    """Generation-branch heads around the shared stack."""
+
+    max_latent_size: int = 32  # latent grid side of the sin-cos table (32 -> 512 px with kl-f16)
+    timestep_freq_dim: int = 256  # sinusoid width fed to the timestep MLP
+
+
+@dataclass
+class TokenConfig:
+    """Special token ids of the Janus tokenizer as UniX uses them (reference section 3.2)."""
+
+    bos: int = 100000  # start of every text segment; first token of a decoded report
+    eos: int = 100001  # end of every text segment; decoding stops on it
+    boi: int = 100003  # opens an image group (ViT or VAE)
+    eoi: int = 100580  # closes an image group
+
+
+@dataclass
+class ModelConfig:
+    """The whole UniX model."""
+
+    name: str = "unix"
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    # "auto": flash-attention varlen on CUDA when installed, else SDPA with a dense mask.
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name, tok in dataclasses.asdict(self.tokens).items():
+            if not 0 <= tok < self.lm.vocab_size:
+                raise ConfigError(f"tokens.{name}={tok} is outside the vocabulary (lm.vocab_size={self.lm.vocab_size})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_path(kind: str, name: str) -> Path:
+    """`configs/<kind>/<name>.yaml`, or `name` itself when it is a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return CONFIG_DIR / kind / f"{name}.yaml"
+
+
+def load_config(schema: type, files: list[str | Path] = (), overrides: list[str] = ()) -> Any:
+    """Merge YAML files then `a.b=value` overrides, and build `schema` strictly."""
+    merged = OmegaConf.create({})
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except Exception as e:  # yaml syntax errors and the like
+            raise ConfigError(f"{path}: cannot read YAML ({e})") from None
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override must look like key=value: {bad[0]!r}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    return from_dict(schema, OmegaConf.to_container(merged, resolve=True) or {})
+
+
+def load_model_config(preset: str = "unix", overrides: list[str] = ()) -> ModelConfig:
+    return load_config(ModelConfig, [preset_path("model", preset)], overrides)
+
+
+def from_dict(schema: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `schema` from plain data; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]!r} (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    try:
+        return schema(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}={value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        out = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict or tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for JSON next to checkpoints)."""
+    return dataclasses.asdict(cfg)
