@@ -1,0 +1,128 @@
+"""The composed UniX model: embeddings, the two-branch decoder, and the heads. Predictions only:
+losses live in `unix/train`, samplers in `unix/flow.py` and `unix/infer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from unix.config import ModelConfig
+from unix.models.attention import TokenMeta, build_plan, resolve_backend
+from unix.models.embeddings import TimestepEmbedder, sincos_2d_table
+from unix.models.mot import MoTDecoder, Route
+from unix.models.sequence import Kind, PackedBatch
+from unix.models.vision import Connector, SiglipVisionTower
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (n, V) at the positions asked for, in sequence order
+    velocity: torch.Tensor | None  # (n_latent_tokens, C) at latent tokens, in sequence order
+    hidden: torch.Tensor  # (B, L, D) final-normed hidden states
+    tapped: torch.Tensor | None = None  # hidden states after layer `hidden_at`, if asked
+
+
+class UniX(nn.Module):
+    """und: embed_tokens, decoder und weights, norm_und, lm_head, vision tower, connector.
+    gen: decoder gen weights, norm_gen, time_embedder, vae2llm, llm2vae."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, C = cfg.lm.hidden_size, cfg.vae.latent_channels
+        self.embed_tokens = nn.Embedding(cfg.lm.vocab_size, D)
+        self.decoder = MoTDecoder(cfg.lm)
+        self.lm_head = nn.Linear(D, cfg.lm.vocab_size, bias=False)
+        self.vision = SiglipVisionTower(cfg.vision)
+        self.connector = Connector(cfg.vision.width, D, cfg.vision.connector_act)
+        self.time_embedder = TimestepEmbedder(D, cfg.gen.timestep_freq_dim)
+        self.vae2llm = nn.Linear(C, D)
+        self.llm2vae = nn.Linear(D, C)
+        grid = cfg.gen.max_latent_size
+        # Fixed table, recomputed from the config (not persistent): the loader checks a stored copy against it.
+        self.register_buffer("latent_pos_table", sincos_2d_table(grid, D), persistent=False)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent tables (after building on the meta device + `to_empty`)."""
+        rope = self.decoder.rope
+        rope.inv_freq.copy_(rope.frequencies())
+        self.latent_pos_table.copy_(sincos_2d_table(self.cfg.gen.max_latent_size, self.cfg.lm.hidden_size))
+
+    # --- parameter groups -----------------------------------------------------------------
+
+    def und_parameters(self, include_vision: bool = True):
+        for name, p in self.named_parameters():
+            if self.branch_of(name) == "und" and (include_vision or not name.startswith(("vision.", "connector."))):
+                yield p
+
+    def gen_parameters(self):
+        return (p for name, p in self.named_parameters() if self.branch_of(name) == "gen")
+
+    @staticmethod
+    def branch_of(name: str) -> str:
+        gen_prefixes = ("decoder.norm_gen.", "time_embedder.", "vae2llm.", "llm2vae.")
+        if ".gen." in name or name.startswith(gen_prefixes):
+            return "gen"
+        return "und"
+
+    def set_trainable(self, und: bool, gen: bool, vision: bool | None = None) -> None:
+        """Freeze or unfreeze the branches (vision defaults to following und)."""
+        vision = und if vision is None else vision
+        for name, p in self.named_parameters():
+            if name.startswith(("vision.", "connector.")):
+                p.requires_grad_(vision)
+            else:
+                p.requires_grad_(gen if self.branch_of(name) == "gen" else und)
+
+    def init_gen_from_und(self) -> None:
+        """Copy every und per-token weight into its gen twin (start of generation training)."""
+        with torch.no_grad():
+            for layer in self.decoder.layers:
+                layer.gen.load_state_dict(layer.und.state_dict())
+            self.decoder.norm_gen.load_state_dict(self.decoder.norm_und.state_dict())
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings (B, L, D): text from the table, ViT features through the connector,
+        latents as vae2llm(x_t) + time_embed(t) + sincos[pos]."""
+        h = self.embed_tokens(batch.input_ids)
+        kind = batch.kind
+        if batch.vit_pixels is not None:
+            feats = self.connector(self.vision(batch.vit_pixels.to(h.dtype)))  # (n_img, P, D)
+            h = h.masked_scatter((kind == Kind.VIT)[..., None], feats.to(h.dtype).reshape(-1, h.shape[-1]))
+        if batch.latents is not None:
+            lat = self.latent_embed(batch.latents, batch.timesteps, batch.latent_pos)
+            h = h.masked_scatter((kind == Kind.LATENT)[..., None], lat.to(h.dtype))
+        return h
+
+    def latent_embed(self, x_t: torch.Tensor, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae2llm.weight.dtype
+        return self.vae2llm(x_t.to(dtype)) + self.time_embedder(t) + self.latent_pos_table[pos].to(dtype)
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        batch: PackedBatch,
+        logits_at: torch.Tensor | None = None,
+        backend: str | None = None,
+        caches=None,
+        past_meta: TokenMeta | None = None,
+        hidden_at: int | None = None,
+    ) -> ModelOutput:
+        """One pass over a packed batch. `logits_at` (B, L) bool selects where text logits are
+        computed (none by default: the vocabulary projection is the costliest head). With `caches`
+        (one per layer) and `past_meta`, the batch's tokens attend to the cached tokens too."""
+        h = self.embed(batch)
+        backend = resolve_backend(backend or self.cfg.attn_backend, h.device)
+        keys_meta = batch.meta if past_meta is None else past_meta.cat(batch.meta)
+        attend = build_plan(backend, batch.meta, keys_meta)
+        route = Route.from_mask(batch.is_gen)
+        hidden, tapped = self.decoder(h, batch.position_ids, route, attend, caches, hidden_at)
+        logits = self.lm_head(hidden[logits_at]) if logits_at is not None else None
+        velocity = self.llm2vae(hidden[batch.is_gen]) if batch.latents is not None else None
+        return ModelOutput(logits, velocity, hidden, tapped)
