@@ -51,10 +51,16 @@ def _pair(real, fake, min_n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _psd_eigenvalues(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise removed: those below
+    n * eps * largest are zero within float64 precision (their square roots would add ~1e-8 each)."""
+    return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0.0), w, 0.0)
+
+
 def _sqrt_psd(s: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix; rounding-level negative eigenvalues -> 0."""
+    """Square root of a symmetric positive semi-definite matrix."""
     w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return (v * np.sqrt(_psd_eigenvalues(w))) @ v.T
 
 
 def frechet_distance(real, fake) -> float:
@@ -69,7 +75,7 @@ def frechet_distance(real, fake) -> float:
     s_x, s_y = np.atleast_2d(s_x), np.atleast_2d(s_y)
     r = _sqrt_psd(s_x)
     m = r @ s_y @ r
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    trace_sqrt = np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     return float(diff @ diff + np.trace(s_x) + np.trace(s_y) - 2 * trace_sqrt)
 
 
@@ -117,7 +123,7 @@ def _prdc_numpy(x: np.ndarray, y: np.ndarray, k: int) -> Metrics:
 def prdc(real, fake, nearest_k: int = NEAREST_K) -> Metrics:
     """Precision, recall, density and coverage with k nearest neighbours. Uses the `prdc` package (the
     reference implementation) when it is installed, else the same computation in numpy."""
-    x, y = _pair(real, fake, min_n=nearest_k + 1)
+    x, y = _pair(real, fake, min_n=min_samples(nearest_k))
     try:
         from prdc import compute_prdc
     except ImportError:
@@ -128,8 +134,8 @@ def prdc(real, fake, nearest_k: int = NEAREST_K) -> Metrics:
 
 
 def min_samples(nearest_k: int = NEAREST_K) -> int:
-    """Fewest real and fake samples `image_metrics` accepts."""
-    return nearest_k + 1
+    """Fewest real and fake samples `image_metrics` accepts (the `prdc` package needs k + 2)."""
+    return nearest_k + 2
 
 
 def image_metrics(real, fake, kid_subsets: int = KID_SUBSETS, nearest_k: int = NEAREST_K, seed: int = SEED) -> Metrics:

@@ -40,6 +40,9 @@ class UniX(nn.Module):
         self.time_embedder = TimestepEmbedder(D, cfg.gen.timestep_freq_dim)
         self.vae2llm = nn.Linear(C, D)
         self.llm2vae = nn.Linear(D, C)
+        # Zero output head (as the release initialises it): training starts predicting v = 0.
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
         grid = cfg.gen.max_latent_size
         # Fixed table, recomputed from the config (not persistent): the loader checks a stored copy against it.
         self.register_buffer("latent_pos_table", sincos_2d_table(grid, D), persistent=False)

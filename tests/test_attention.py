@@ -1,0 +1,93 @@
+"""The visibility rule, and the backends derived from it agreeing on random packed batches."""
+
+import random
+
+import pytest
+import torch
+
+from unix.models.attention import (
+    Mode,
+    SDPAPlan,
+    FlexPlan,
+    TokenMeta,
+    VarlenPlan,
+    dense_mask,
+    varlen_reference_kernel,
+)
+
+
+def meta_from_segments(samples):
+    """samples: list of lists of (mode, length) -> TokenMeta with B=1 (packed)."""
+    sample, segment, mode = [], [], []
+    for s, segs in enumerate(samples):
+        for g, (m, n) in enumerate(segs):
+            sample += [s] * n
+            segment += [g] * n
+            mode += [int(m)] * n
+    L = len(sample)
+    as_row = lambda x: torch.tensor([x])  # noqa: E731
+    return TokenMeta(as_row(sample), as_row(segment), as_row(mode), torch.arange(L)[None])
+
+
+def test_rule_on_a_hand_built_sample():
+    # one sample: text(3, causal) | vit(2, full) | noisy latents(2) ; second sample: text(2)
+    meta = meta_from_segments([[(Mode.CAUSAL, 3), (Mode.FULL, 2), (Mode.NOISE, 2)], [(Mode.CAUSAL, 2)]])
+    m = dense_mask(meta, meta)[0, 0].int().tolist()
+    expected = [
+        # t0 t1 t2 v0 v1 n0 n1 | u0 u1
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],  # text: causal
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],  # image: earlier text + whole own segment
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0, 0],  # noisy latents: everything earlier, bidirectional inside
+        [1, 1, 1, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 0],  # second sample sees nothing of the first
+        [0, 0, 0, 0, 0, 0, 0, 1, 1],
+    ]
+    assert m == expected
+
+
+def test_noise_segment_is_invisible_even_to_later_segments():
+    meta = meta_from_segments([[(Mode.NOISE, 2), (Mode.CAUSAL, 2)]])
+    m = dense_mask(meta, meta)[0, 0]
+    assert not m[2:, :2].any()  # later text cannot read the noisy latents
+    assert m[:2, :2].all()
+
+
+def random_packed(seed: int):
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(rng.randint(2, 4)):
+        segs = [(rng.choice([Mode.CAUSAL, Mode.FULL]), rng.randint(1, 9)) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.6:
+            segs.append((Mode.NOISE, rng.randint(1, 9)))
+        samples.append(segs)
+    return meta_from_segments(samples)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_backends_agree(seed):
+    meta = random_packed(seed)
+    torch.manual_seed(seed)
+    L = meta.sample.shape[1]
+    q, k, v = (torch.randn(1, 3, L, 8) for _ in range(3))
+    ref = SDPAPlan(meta, meta)(q, k, v)
+    flex = FlexPlan(meta, meta, compiled=False)(q, k, v)
+    varlen = VarlenPlan(meta, meta, kernel=varlen_reference_kernel)(q, k, v)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(varlen, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_backends_agree_with_a_cache_prefix():
+    """Queries that are the tail of the sequence (KV cache): keys = cached prefix + new tokens."""
+    meta = meta_from_segments([[(Mode.CAUSAL, 5), (Mode.FULL, 4), (Mode.NOISE, 6)]])
+    q_meta = TokenMeta(*(t[:, 9:] for t in meta.fields()))
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 8)
+    k, v = torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
+    ref = SDPAPlan(q_meta, meta)(q, k, v)
+    full = SDPAPlan(meta, meta)(torch.cat([torch.randn(1, 2, 9, 8), q], 2), k, v)[:, :, 9:]
+    torch.testing.assert_close(ref, full)
+    torch.testing.assert_close(VarlenPlan(q_meta, meta, kernel=varlen_reference_kernel)(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(FlexPlan(q_meta, meta, compiled=False)(q, k, v), ref, atol=1e-5, rtol=1e-5)

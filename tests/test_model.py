@@ -1,0 +1,162 @@
+"""The two-branch model: parity with transformers' Qwen2, branch semantics, packing, backends."""
+
+import copy
+
+import pytest
+import torch
+
+import unix.models.attention as attention
+from unix.config import load_model_config
+from unix.models.sequence import LatentImage, Text, VitImage, pack
+from unix.models.unix import UniX
+from unix.weights.released import from_released_name
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_model_config("tiny")
+
+
+def make_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = UniX(cfg)
+    # Random (not identity) norms and a non-zero output head, so every weight matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "_norm." in name:
+                p.uniform_(0.5, 1.5)
+        model.llm2vae.weight.normal_(0, 0.2)
+    return model.eval()
+
+
+def sample(cfg, text_ids, latent_seed=0, t=0.7, vit=True, hw=(4, 4)):
+    g = torch.Generator().manual_seed(latent_seed)
+    segs = []
+    if vit:
+        s = cfg.vision.image_size
+        segs.append(VitImage(torch.randn(3, s, s, generator=g)))
+    segs.append(Text([cfg.tokens.bos] + text_ids + [cfg.tokens.eos]))
+    h, w = hw
+    segs.append(LatentImage(torch.randn(h * w, cfg.vae.latent_channels, generator=g), h, w, t=t))
+    return segs
+
+
+def packed(cfg, samples, **kw):
+    return pack(samples, cfg.tokens, cfg.vision.num_patches, cfg.gen.max_latent_size, **kw)
+
+
+def test_und_matches_transformers_qwen2(cfg):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = cfg.lm
+    c = copy.deepcopy(cfg)
+    c.lm.qk_norm = False
+    ours = make_model(c)
+    hf_cfg = Qwen2Config(
+        vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+        num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_heads,
+        rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_norm_eps, tie_word_embeddings=False, use_sliding_window=False,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(1)
+    hf = Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # biases and norms away from their init
+    mapped = {from_released_name("language_model." + k): v for k, v in hf.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    assert not unexpected and not [m for m in missing if ".und." in m or m.startswith(("embed", "lm_head"))]
+
+    ids = torch.randint(5, lm.vocab_size, (1, 23))
+    batch = packed(c, [[Text(ids[0].tolist())]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[0]
+        got = ours(batch, logits_at=torch.ones_like(batch.input_ids, dtype=torch.bool)).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_positions_follow_the_design(cfg):
+    b = packed(cfg, [sample(cfg, [7, 8, 9], hw=(2, 2))])
+    P = cfg.vision.num_patches
+    pos = b.position_ids[0].tolist()
+    assert pos[: P + 2] == [0] * (P + 2)  # BOI, ViT tokens, EOI share position 0
+    assert pos[P + 2 : P + 7] == [1, 2, 3, 4, 5]  # BOS 7 8 9 EOS count up
+    assert pos[P + 7 :] == [6] * 6  # noisy latent group: one shared position
+    two = packed(cfg, [sample(cfg, [7], hw=(2, 2)), sample(cfg, [5, 6], hw=(2, 2))])
+    starts = (two.meta.sample[0] == 1).nonzero()[0].item()
+    assert two.position_ids[0, starts].item() == 0  # positions restart per sample
+
+
+def test_und_outputs_ignore_following_gen_tokens(cfg):
+    model = make_model(cfg)
+    with_gen = packed(cfg, [sample(cfg, [10, 11, 12])])
+    segs = sample(cfg, [10, 11, 12])[:-1]
+    without = packed(cfg, [segs])
+    n = without.input_ids.shape[1]
+    with torch.no_grad():
+        a = model(with_gen).hidden[0, :n]
+        b = model(without).hidden[0]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_gen_outputs_depend_on_und_context(cfg):
+    model = make_model(cfg)
+    with torch.no_grad():
+        v1 = model(packed(cfg, [sample(cfg, [10, 11, 12])])).velocity
+        v2 = model(packed(cfg, [sample(cfg, [10, 99, 12])])).velocity
+    assert v1.shape == (16, cfg.vae.latent_channels)
+    assert (v1 - v2).abs().max() > 1e-4
+
+
+def test_frozen_und_gets_no_gradient(cfg):
+    model = make_model(cfg).train()
+    model.set_trainable(und=False, gen=True)
+    out = model(packed(cfg, [sample(cfg, [10, 11]), sample(cfg, [13], latent_seed=1)]))
+    out.velocity.pow(2).mean().backward()
+    und = [n for n, p in model.named_parameters() if UniX.branch_of(n) == "und"]
+    gen = [n for n, p in model.named_parameters() if UniX.branch_of(n) == "gen"]
+    params = dict(model.named_parameters())
+    assert und and gen
+    assert all(params[n].grad is None or not params[n].grad.any() for n in und)
+    assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in gen)
+
+
+def test_packed_samples_do_not_interact(cfg):
+    model = make_model(cfg)
+    a, b = sample(cfg, [10, 11]), sample(cfg, [20, 21, 22], latent_seed=3)
+    with torch.no_grad():
+        both = model(packed(cfg, [a, b]))
+        alone = model(packed(cfg, [b]))
+    n = alone.hidden.shape[1]
+    torch.testing.assert_close(both.hidden[0, -n:], alone.hidden[0], atol=1e-5, rtol=1e-5)
+
+
+def test_model_backends_agree(cfg, monkeypatch):
+    monkeypatch.setattr(attention, "_flash_varlen_kernel", lambda: attention.varlen_reference_kernel)
+    model = make_model(cfg)
+    batch = packed(cfg, [sample(cfg, [10, 11]), sample(cfg, [5, 6, 7], vit=False, hw=(3, 5)), [Text([1, 9, 9, 2])]])
+    where = batch.kind == 0
+    with torch.no_grad():
+        outs = {b: model(batch, logits_at=where, backend=b) for b in ("sdpa", "flex", "flash")}
+    for b in ("flex", "flash"):
+        torch.testing.assert_close(outs[b].velocity, outs["sdpa"].velocity, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(outs[b].logits, outs["sdpa"].logits, atol=1e-5, rtol=1e-4)
+
+
+def test_row_batches_equal_packed(cfg):
+    """One row per sample (right-padded) gives the same outputs as one packed sequence."""
+    model = make_model(cfg)
+    samples = [sample(cfg, [10, 11]), sample(cfg, [20, 21, 22, 23], latent_seed=3)]
+    with torch.no_grad():
+        flat = model(packed(cfg, samples))
+        rows = model(packed(cfg, samples, rows=True))
+    torch.testing.assert_close(rows.velocity, flat.velocity, atol=1e-5, rtol=1e-5)
+
+
+def test_init_gen_from_und_copies_every_weight(cfg):
+    model = make_model(cfg)
+    model.init_gen_from_und()
+    for layer in model.decoder.layers:
+        for (n, pu), (_, pg) in zip(layer.und.named_parameters(), layer.gen.named_parameters()):
+            assert torch.equal(pu, pg), n
+    assert torch.equal(model.decoder.norm_und.weight, model.decoder.norm_gen.weight)
