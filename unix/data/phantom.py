@@ -14,7 +14,8 @@ upsampled, then exposed as 1 - exp(-gain * A) with quantum noise.
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
@@ -240,9 +241,21 @@ def split_of(index: int, n: int, fractions: tuple[float, float, float]) -> str:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG", compress_level=1)  # level 1: 2x faster, ~same size
-    return buf.getvalue()
+    """8-bit grayscale PNG with the "up" filter on every row and zlib level 1: the same size as Pillow's
+    adaptive filtering at half the time (PNG encoding is a third of the cost of an image otherwise)."""
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 image, got {image.dtype} {image.shape}")
+    h, w = image.shape
+    rows = np.empty((h, w + 1), np.uint8)
+    rows[:, 0] = 2  # filter type 2 (up): each row minus the row above, mod 256
+    rows[0, 0], rows[0, 1:] = 0, image[0]
+    np.subtract(image[1:], image[:-1], out=rows[1:, 1:])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b"")
 
 
 def heart_ctr(anatomy: Anatomy, findings: tuple[Finding, ...]) -> float:
