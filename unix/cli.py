@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "unix.weights.commands",  # unix weights layout|check
     "unix.data.commands",  # unix data phantom|...
     "unix.eval.commands",  # unix eval reports|images|label
+    "unix.infer.commands",  # unix report, unix generate
+    "unix.train.commands",  # unix train
 ]
 
 
