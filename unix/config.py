@@ -41,6 +41,7 @@ class LMConfig:
     rms_norm_eps: float = 1e-6
     qk_norm: bool = True  # per-head RMSNorm on q and k before RoPE (weight shape [head_dim])
     qkv_bias: bool = True  # Qwen2-style biases on q/k/v (o_proj has none)
+    max_position: int = 16384  # longest context (RoPE positions) the model is meant for
 
     def __post_init__(self) -> None:
         if self.num_heads * self.head_dim != self.hidden_size:

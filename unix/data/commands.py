@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 SUBCOMMAND_MODULES = [
     "unix.data.phantom_commands",  # unix data phantom
@@ -13,5 +12,6 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="build data sets (CXR-Phantom) and training shards")
     sub = parser.add_subparsers(dest="data_command", metavar="WHAT")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    from unix.cli import register_modules
+
+    register_modules(sub, SUBCOMMAND_MODULES)

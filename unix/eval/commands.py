@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 # Each module defines `register(subparsers)` for its own `unix eval` subcommands.
 SUBCOMMAND_MODULES = [
@@ -15,5 +14,6 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate generated reports and images")
     sub = parser.add_subparsers(dest="eval_command", metavar="WHAT")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    from unix.cli import register_modules
+
+    register_modules(sub, SUBCOMMAND_MODULES)

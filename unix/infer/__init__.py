@@ -1,0 +1,7 @@
+"""Inference API: `load_pipeline(weights)` then `.reports(paths)` / `.images(prompts, seeds)`."""
+
+from unix.infer.images import ImageSettings
+from unix.infer.pipeline import Pipeline, load_pipeline
+from unix.infer.reports import ReportSettings
+
+__all__ = ["ImageSettings", "Pipeline", "ReportSettings", "load_pipeline"]

@@ -1,0 +1,191 @@
+"""`unix report` and `unix generate`: thin wrappers over `unix.infer`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from unix.errors import UserError
+
+
+def add_common(p) -> None:
+    p.add_argument("--weights", help="weights folder (default: the embedded phantom-tiny demo model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward (default: 8)")
+    p.add_argument("--double-bos", action="store_true", help="reference-compat: feed BOS twice before each text segment")
+    p.add_argument("--connector-gelu", choices=["gelu", "gelu_tanh"], help="reference-compat: connector activation (default: from the config, exact GELU)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notices")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write radiology reports for chest X-rays")
+    p.add_argument("inputs", nargs="+", help="image files (PNG/JPG/DICOM), folders, or CSV/JSONL lists with a 'path' column")
+    p.add_argument("--instruction", help="instruction text (default: the paper's FINDINGS and IMPRESSION instruction)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="default: 500")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", help="JSONL or CSV file for the reports (default: stdout)")
+    add_common(p)
+    p.set_defaults(handler=cmd_report)
+
+    p = subparsers.add_parser("generate", help="draw chest X-rays from text prompts")
+    p.add_argument("prompts", nargs="*", help="prompt text(s)")
+    p.add_argument("--prompts-file", help="CSV/JSONL with 'prompt' (or 'report'), optional 'id' and 'seed'")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50, help="schedule points (steps-1 Euler moves; default 50)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2.0; 1 = off)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
+                   help="guide only while the shifted t is in (LO, HI] (default 0.4 1.0)")
+    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the schedule (default 3.0)")
+    p.add_argument("--size", type=int, help="output side in px (default: 512, or the model's largest if smaller)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k unless the file gives seeds")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    add_common(p)
+    p.set_defaults(handler=cmd_generate)
+
+
+def _pipeline(args):
+    from unix.infer import load_pipeline
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return load_pipeline(args.weights, args.device, args.dtype, args.double_bos, args.connector_gelu)
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def cmd_report(args) -> int:
+    from tqdm import tqdm
+
+    from unix.infer import ReportSettings
+    from unix.infer.io import expand_inputs, read_image, write_rows
+
+    items = expand_inputs(args.inputs)
+    pipe = _pipeline(args)
+    settings = ReportSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.instruction is not None:
+        if not args.instruction.strip():
+            raise UserError("--instruction is empty")
+        settings.instruction = args.instruction
+    rows, failed = [], 0
+    good = []
+    for item_id, path in items:  # unreadable images get their own row and the rest go on
+        try:
+            read_image(path)
+            good.append((item_id, path))
+        except UserError as e:
+            rows.append({"id": item_id, "path": path, "report": None, "error": str(e)})
+            failed += 1
+    bar = tqdm(total=len(good), desc="reports", unit="img", disable=args.quiet or len(good) < 2)
+    for chunk in _chunks(good, args.batch_size):
+        t0 = time.perf_counter()
+        texts = pipe.reports([p for _, p in chunk], settings)
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for (item_id, path), text in zip(chunk, texts):
+            rows.append({"id": item_id, "path": path, "report": text, "seconds": round(dt, 4),
+                         "settings": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+                                      "top_p": settings.top_p, "weights": str(pipe.folder)}})
+        bar.update(len(chunk))
+    bar.close()
+    order = {item_id: i for i, (item_id, _) in enumerate(items)}
+    rows.sort(key=lambda r: order.get(r["id"], 0))
+    if args.out:
+        write_rows(args.out, rows)
+    elif len(items) == 1 and rows[0]["report"] is not None:
+        print(rows[0]["report"])
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    for r in rows:
+        if r.get("error"):
+            print(f"unix: error: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def read_prompts(args) -> list[dict]:
+    from unix.infer.io import read_table
+
+    jobs = [{"id": f"prompt{i:03d}", "prompt": p} for i, p in enumerate(args.prompts)]
+    if args.prompts_file:
+        for i, row in enumerate(read_table(args.prompts_file)):
+            text = row.get("prompt") or row.get("report")
+            if not text or not str(text).strip():
+                raise UserError(f"{args.prompts_file}: row {i + 1} has no 'prompt'")
+            job = {"id": str(row.get("id") or f"row{i:04d}"), "prompt": str(text)}
+            if row.get("seed") not in (None, ""):
+                job["seed"] = int(row["seed"])
+            jobs.append(job)
+    if not jobs:
+        raise UserError("give at least one prompt (arguments or --prompts-file)")
+    for j in jobs:
+        if not j["prompt"].strip():
+            raise UserError(f"prompt {j['id']} is empty")
+    if args.num_per_prompt < 1:
+        raise UserError("--num-per-prompt must be at least 1")
+    out, k = [], 0
+    for j in jobs:
+        for r in range(args.num_per_prompt):
+            seed = j["seed"] + r if "seed" in j else args.seed + k
+            name = j["id"] if args.num_per_prompt == 1 else f"{j['id']}_{r}"
+            out.append({"id": name, "prompt": j["prompt"], "seed": seed})
+            k += 1
+    return out
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from unix.infer import ImageSettings
+    from unix.infer.io import atomic_write, png_bytes, write_rows
+
+    jobs = read_prompts(args)
+    out = Path(args.out)
+    if not args.overwrite:
+        taken = [j["id"] for j in jobs if (out / f"{j['id']}.png").exists()]
+        if taken:
+            raise UserError(f"{out / (taken[0] + '.png')} exists (use --overwrite or another --out)")
+    pipe = _pipeline(args)
+    largest = pipe.cfg.gen.max_latent_size * pipe.cfg.vae.downsample
+    size = args.size or min(512, largest)
+    settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                             interval=tuple(args.guidance_interval))
+    try:
+        from unix.infer.images import latent_grid
+
+        latent_grid(pipe.model, size)
+    except ValueError as e:
+        raise UserError(f"--size: {e}") from None
+    room = pipe.cfg.lm.max_position - 1  # the image block takes one position after the prompt
+    for j in jobs:
+        n = len(pipe.tokenizer.segment(j["prompt"]))
+        if n > room:
+            raise UserError(f"prompt {j['id']} has {n} tokens, more than the context allows ({room})")
+    bar = tqdm(total=len(jobs), desc="images", unit="img", disable=args.quiet or len(jobs) < 2)
+    manifest = []
+    for chunk in _chunks(jobs, args.batch_size):
+        t0 = time.perf_counter()
+        images = pipe.images([j["prompt"] for j in chunk], [j["seed"] for j in chunk], settings)
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for j, img in zip(chunk, images):
+            path = out / f"{j['id']}.png"
+            atomic_write(path, png_bytes(img))
+            side = {**j, "path": str(path), "seconds": round(dt, 4), "size": size, "steps": settings.steps,
+                    "guidance": settings.guidance, "shift": settings.shift, "guidance_interval": list(settings.interval),
+                    "weights": str(pipe.folder)}
+            atomic_write(path.with_suffix(".json"), json.dumps(side, indent=1))
+            manifest.append(side)
+        bar.update(len(chunk))
+    bar.close()
+    if len(manifest) > 1:
+        write_rows(out / "manifest.jsonl", manifest)
+    for m in manifest:
+        print(m["path"])
+    return 0

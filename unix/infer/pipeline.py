@@ -1,0 +1,114 @@
+"""The Python API the CLI wraps: load a weights folder once, then write reports and draw X-rays.
+
+    from unix.infer import load_pipeline
+    pipe = load_pipeline("weights/UniX", device="cuda")
+    reports = pipe.reports(["cxr.png"])
+    images = pipe.images(["Small left pleural effusion."], seeds=[0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unix.errors import UserError
+from unix.infer.images import ImageSettings, latent_grid, sample_latents
+from unix.infer.io import letterbox, read_image
+from unix.infer.reports import ReportSettings, generate_report_ids
+from unix.models.vision import normalize_pixels
+from unix.tokenizer import Tokenizer
+from unix.weights.folder import VAE_FILES, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "phantom-tiny"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested, but no CUDA device is available (use --device cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def resolve_weights(path: str | Path | None) -> Path:
+    if path:
+        return Path(path)
+    if (DEFAULT_WEIGHTS / "model.safetensors").is_file():
+        log.info("using the embedded demo model weights/phantom-tiny (trained on CXR-Phantom images only)")
+        return DEFAULT_WEIGHTS
+    raise UserError("no weights: pass --weights DIR (e.g. weights/UniX, see weights/README.md)")
+
+
+@dataclass
+class Pipeline:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+    _codec: object = field(default=None, repr=False)
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def codec(self):
+        """The VAE, loaded on first use (report generation never needs it), on the model's device."""
+        if self._codec is None:
+            from unix.weights.ldm_vae import load_ldm_vae
+
+            path = next((self.folder / v for v in VAE_FILES if (self.folder / v).is_file()), None)
+            if path is None:
+                raise UserError(f"{self.folder}: no VAE ({' or '.join(VAE_FILES)}); image generation needs one")
+            self._codec = load_ldm_vae(path, self.cfg.vae).to(self.device, self.dtype)
+        return self._codec
+
+    def pixels(self, paths: list[str]) -> torch.Tensor:
+        """Read, letterbox and normalise images for the ViT: (B, 3, S, S)."""
+        S = self.cfg.vision.image_size
+        arrays = [letterbox(read_image(p), S) for p in paths]
+        x = torch.from_numpy(np.stack(arrays))[:, None]
+        return normalize_pixels(x, self.cfg.vision).to(self.device, self.dtype)
+
+    def reports(self, paths: list[str], settings: ReportSettings = ReportSettings()) -> list[str]:
+        ids = generate_report_ids(self.model, self.tokenizer, self.pixels(paths), settings)
+        return [self.tokenizer.decode(r) for r in ids]
+
+    def images(self, prompts: list[str], seeds: list[int], settings: ImageSettings = ImageSettings()) -> list[np.ndarray]:
+        """Prompts -> uint8 grayscale images (size x size)."""
+        for p in prompts:
+            if not p.strip():
+                raise UserError("empty prompt")
+        latent_grid(self.model, settings.size)
+        z = sample_latents(self.model, self.tokenizer, prompts, seeds, settings)
+        x = self.codec.decode(z.to(self.dtype)).float()  # (B, 3, H, W) in about [-1, 1]
+        gray = (x / 2 + 0.5).clamp(0, 1).mean(dim=1)
+        return [(g * 255).round().to(torch.uint8).cpu().numpy() for g in gray]
+
+
+def load_pipeline(weights: str | Path | None = None, device: str = "auto", dtype: str | None = None,
+                  double_bos: bool = False, connector_act: str | None = None) -> Pipeline:
+    """Load model + tokenizer from a weights folder (default: the embedded phantom-tiny model).
+    `double_bos` and `connector_act="gelu_tanh"` reproduce the reference inference code's quirks."""
+    folder = resolve_weights(weights)
+    dev = resolve_device(device)
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+    model, _ = load_model(folder, device=dev, dtype=DTYPES[dtype])
+    if connector_act:
+        model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, connector_act=connector_act))
+        model.connector.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[connector_act]
+    tokenizer = Tokenizer.from_folder(folder, model.cfg.tokens, double_bos=double_bos)
+    return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype])
