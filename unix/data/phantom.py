@@ -65,7 +65,7 @@ class Finding:
     zone: str | None = None  # upper | middle | lower lung zone; apical for pleural thickening
     kind: str | None = None  # nodule|mass, thickening|plaques, acute|healed, a DEVICE_KINDS entry
     size_cm: float | None = None  # lung lesion diameter
-    rib: int | None = None  # fractured posterior rib, 3..9
+    rib: int | None = None  # fractured posterior rib, 4..9
     seed: int = 0  # shape details (blob lobes, band positions); same seed -> same drawing
 
 
@@ -135,7 +135,8 @@ def _pathology(label: str, rng: np.random.Generator, status: int) -> Finding:
     seed = int(rng.integers(2**31))
     f = Finding(label, status=status, seed=seed)
     if label in ("Cardiomegaly", "Edema"):
-        return replace(f, severity=str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.4, 0.15])))
+        severity = str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.4, 0.15]))
+        return replace(f, severity=severity, side="bilateral" if label == "Edema" else None)
     if label == "Enlarged Cardiomediastinum":
         return replace(f, severity=str(rng.choice(["mild", "moderate"])))
     if label in ("Pleural Effusion", "Atelectasis"):
@@ -322,13 +323,13 @@ class _Frame:
         confined to that lung."""
         total = 0.0
         # Python floats throughout: a NumPy float64 scalar would promote the float32 fields to float64.
-        u0 = (0.5 + 0.15 * float(rng.uniform(-1, 1))) * self.a.cage_hw
+        u0 = (0.62 + 0.12 * float(rng.uniform(-1, 1))) * self.a.cage_hw  # lateral to the heart border
         v0 = ZONE_V[f.zone or "lower"] + 0.03 * float(rng.uniform(-1, 1))
         for _ in range(lobes):
-            du, dv = rng.normal(0, (0.4 if lobes <= 3 else 0.7) * radius, 2).tolist()
-            r = radius * float(rng.uniform(0.6, 1.0) if lobes <= 3 else rng.uniform(0.25, 0.45))
+            du, dv = rng.normal(0, (0.4 if lobes <= 3 else 0.6) * radius, 2).tolist()
+            r = radius * float(rng.uniform(0.6, 1.0) if lobes <= 3 else rng.uniform(0.4, 0.65))
             total = total + np.exp(-((self.au - u0 - du) ** 2 + (self.v - v0 - dv) ** 2) / (r * r))
-        return np.clip(1.5 * total, 0.0, 1.0) * self.lung * self.side(f.side)
+        return np.clip((1.5 if lobes <= 3 else 0.8) * total, 0.0, 1.0) * self.lung * self.side(f.side)
 
 
 def _sides(f: Finding) -> tuple[str, ...]:
@@ -349,13 +350,13 @@ def _ribs(g: _Frame, findings: tuple[Finding, ...]):
         on_rib = g.side(f.side) * (np.abs(t - k - 0.45) < 0.6)
         if f.kind == "healed":  # bony callus over the healed break, slight step
             v_f = a.rib_first + 1.4 * u_f * u_f - 0.15 * u_f + a.rib_gap * (k + 0.45) ** (1 / 0.93)
-            callus = callus + np.exp(-(((au - u_f) / 0.02) ** 2) - ((v - v_f) / 0.018) ** 2) * g.side(f.side)
-            t = t + 0.12 * on_rib * (au > u_f)
+            callus = callus + np.exp(-(((au - u_f) / 0.025) ** 2) - ((v - v_f) / 0.022) ** 2) * g.side(f.side)
+            t = t + 0.2 * on_rib * (au > u_f)
         else:  # acute: a lucent gap and the lateral fragment displaced
-            t = t + 0.3 * on_rib * (au > u_f)
-            cage = cage * (1.0 - on_rib * _ramp(0.008 - np.abs(au - u_f), g.e))
+            t = t + 0.5 * on_rib * (au > u_f)
+            cage = cage * (1.0 - on_rib * _ramp(0.02 - np.abs(au - u_f), g.e))
     frac = t - np.floor(t)
-    return _ramp(0.2 - np.abs(frac - 0.45), 0.1) * cage + 0.5 * callus
+    return _ramp(0.2 - np.abs(frac - 0.45), 0.1) * cage + 1.2 * callus
 
 
 def _devices(g: _Frame, findings: tuple[Finding, ...]):
@@ -372,7 +373,8 @@ def _devices(g: _Frame, findings: tuple[Finding, ...]):
         if f.kind == "endotracheal tube":
             d.line(g.to_pixels([(0.0, -0.1), (j[0], 0.2), (j[0], 0.28 + j[1])]), fill=1.0, width=2 * w1)
         elif f.kind == "enteric tube":
-            pts = [(0.01, -0.1), (0.0, 0.4), (0.03 + j[0], a.dome_left + 0.04), (0.15, a.dome_left + 0.09 + j[1]), (0.2, a.dome_left + 0.06)]
+            pts = [(0.01, -0.1), (0.0, 0.4), (0.03 + j[0], a.dome_left + 0.04),
+                   (0.15, a.dome_left + 0.09 + j[1]), (0.2, a.dome_left + 0.06)]  # down into the stomach
             d.line(g.to_pixels(pts), fill=0.9, width=w1, joint="curve")
         elif f.kind == "central line":
             pts = [(-0.13 + j[0], -0.1), (-0.07, 0.15), (-0.04, 0.25), (-0.03, 0.36 + j[1])]
@@ -426,7 +428,7 @@ def _pathology_fields(g: _Frame, findings: tuple[Finding, ...]):
         elif f.label in ("Consolidation", "Pneumonia", "Lung Opacity"):
             dense = f.label == "Consolidation"
             blob = g.blob(f, 0.085 if dense else 0.1, rng, lobes=3 if dense else 7)
-            opac = np.maximum(opac, (0.85 if dense else 0.6) * st * blob)
+            opac = np.maximum(opac, (0.85 if dense else 0.55) * st * blob)
         elif f.label == "Edema":  # bilateral perihilar haze, busier interstitial markings
             s = {"mild": 0.3, "moderate": 0.5, "severe": 0.7}[f.severity or "mild"] * st
             haze = np.exp(-(((au - 0.12) / 0.15) ** 2) - ((v - 0.43) / 0.17) ** 2) * g.lung
@@ -439,7 +441,7 @@ def _pathology_fields(g: _Frame, findings: tuple[Finding, ...]):
                     v0, slope = base - float(rng.uniform(0.06, 0.13)), float(rng.uniform(-0.15, 0.15))
                     u0, half = float(rng.uniform(0.35, 0.6)) * a.cage_hw, float(rng.uniform(0.05, 0.09))
                     band = _ramp(th - np.abs(v - v0 - slope * (au - u0)), e) * _ramp(half - np.abs(au - u0), 0.02)
-                    opac = np.maximum(opac, 0.9 * st * band * g.side(s) * g.lung)
+                    opac = np.maximum(opac, 0.7 * st * band * g.side(s) * g.lung)
         elif f.label == "Lung Lesion":  # round, sharply marginated, slightly lobulated
             r = 0.5 * f.size_cm / CM_PER_UNIT
             u0 = (0.55 + 0.15 * float(rng.uniform(-1, 1))) * a.cage_hw
@@ -450,7 +452,10 @@ def _pathology_fields(g: _Frame, findings: tuple[Finding, ...]):
             opac, dens = np.maximum(opac, 0.6 * st * lesion), dens + 0.3 * st * lesion
         elif f.label == "Pleural Other":  # pleural thickening along the wall, or calcified plaques
             if f.kind == "thickening":
-                span = _ramp(a.apex + 0.12 - v, 0.02) if f.zone == "apical" else _ramp(v - 0.3, 0.03) * _ramp(g.dome_base - v, 0.02)
+                if f.zone == "apical":
+                    span = _ramp(a.apex + 0.12 - v, 0.02)
+                else:
+                    span = _ramp(v - 0.3, 0.03) * _ramp(g.dome_base - v, 0.02)
                 band = g.side(f.side) * _ramp(au - (g.lw - 0.02), e) * _ramp(g.lw + 0.012 - au, e) * span
                 opac, dens = np.maximum(opac, band * st), dens + 0.25 * st * band
             else:
@@ -491,9 +496,12 @@ def draw(anatomy: Anatomy, findings: tuple[Finding, ...] = (), size: int = 256) 
     clavicle = (a.clavicle_v - 0.17 * (au - 0.03) + 0.15 * (au - 0.03) ** 2)
     clavicle = _ramp(0.013 - np.abs(v - clavicle), e) * _ramp(au - 0.03, e) * _ramp(0.34 - au, e)
     humerus = _ramp(0.05 - np.hypot(au - width - 0.01, v - 0.16), e)
-    bone = 0.25 * spine + 0.09 * _ribs(g, findings) + 0.15 * clavicle + 0.2 * humerus
-    vessels = 0.25 * markings_gain * _resize(_markings(a, n // 2, rng).astype(np.float32), n) * aeration * (1.0 - np.clip(ptx_air, 0.0, 1.0))
-    A = body * (0.7 + 0.06 * heart + 0.08 * med) - aeration - 0.2 * trachea * body - 0.3 * bubble * body
+    bone = 0.25 * spine + 0.13 * _ribs(g, findings) + 0.15 * clavicle + 0.2 * humerus
+    markings = _resize(_markings(a, n // 2, rng).astype(np.float32), n)  # smooth enough for half resolution
+    vessels = 0.25 * markings_gain * markings * aeration * (1.0 - np.clip(ptx_air, 0.0, 1.0))
+    heart_above = heart * _ramp(g.dome + 0.02 - v, 0.03)  # the heart sits on the diaphragm
+    A = body * (0.7 + 0.06 * heart_above + 0.08 * med) + 0.15 * opac * g.lung - aeration
+    A = A - 0.2 * trachea * body - 0.3 * bubble * body
     A = A + a.bone * bone * body + vessels + dens - 0.12 * ptx_air + _devices(g, findings)
     mottle = _resize(rng.normal(1.0, 0.04, (4, 4)).astype(np.float32), n)
     x = 1.0 - np.exp(-a.gain * np.maximum(A * mottle, 0.0))  # exposure; smooth, so before upsampling
