@@ -133,3 +133,11 @@ def test_janus_initialisation(tmp_path):
     save_file(janus, str(tmp_path / "janus" / "model.safetensors"))
     with pytest.raises(UserError, match="lm_head"):
         load_janus(UniX(cfg), tmp_path / "janus")
+
+
+def test_convert_command(tmp_path):
+    torch.save({"state_dict": {"a.weight": torch.ones(2, 3)}, "epoch": 3}, tmp_path / "x.ckpt")
+    out = tmp_path / "x.safetensors"
+    assert main(["weights", "convert", str(tmp_path / "x.ckpt"), str(out)]) == 0
+    assert torch.equal(load_file(str(out))["a.weight"], torch.ones(2, 3))
+    assert main(["weights", "convert", str(tmp_path / "x.ckpt"), str(out)]) == 2  # no silent overwrite

@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_group(subparsers, name: str, help: str, modules: list[str]):
+    """A command group (`unix NAME WHAT ...`) whose subcommands come from `modules`."""
+    parser = subparsers.add_parser(name, help=help)
+    sub = parser.add_subparsers(dest=f"{name}_command", metavar="WHAT")
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+    register_modules(sub, modules)
+    return sub
+
+
 def register_modules(subparsers, names: list[str]) -> None:
     """Call `register(subparsers)` of each module; a module absent from this checkout is skipped
     (a missing third-party dependency still fails loudly)."""

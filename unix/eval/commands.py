@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-# Each module defines `register(subparsers)` for its own `unix eval` subcommands.
 SUBCOMMAND_MODULES = [
     "unix.eval.report_commands",  # unix eval reports | label
     "unix.eval.image_commands",  # unix eval images
@@ -11,9 +9,6 @@ SUBCOMMAND_MODULES = [
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate generated reports and images")
-    sub = parser.add_subparsers(dest="eval_command", metavar="WHAT")
-    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
-    from unix.cli import register_modules
+    from unix.cli import add_group
 
-    register_modules(sub, SUBCOMMAND_MODULES)
+    add_group(subparsers, "eval", "evaluate generated reports and images", SUBCOMMAND_MODULES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from unix.errors import UserError
@@ -22,6 +23,13 @@ def register(subparsers) -> None:
     p = sub.add_parser("check", help="say what a weights folder holds and whether it loads (exit 0 only if loadable)")
     p.add_argument("folder", help="weights folder (model.safetensors + config.json [+ vae/])")
     p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser("convert", help="convert a pickle checkpoint (.ckpt/.pth/.bin) to safetensors, weights-only")
+    p.add_argument("source", help="checkpoint read with torch.load(weights_only=True)")
+    p.add_argument("dest", help="output .safetensors file")
+    p.add_argument("--key", help="take the tensors under this key (default: 'state_dict' or 'model_state_dict' if present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(handler=cmd_convert)
 
 
 def cmd_layout(args) -> int:
@@ -68,4 +76,35 @@ def cmd_check(args) -> int:
     print("loadable" if check.loadable else "NOT loadable")
     if not check.loadable:
         raise UserError(f"{check.folder}: weights folder is not loadable (see above)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    src, dest = Path(args.source), Path(args.dest)
+    if not src.is_file():
+        raise UserError(f"{src}: no such file")
+    if dest.exists() and not args.overwrite:
+        raise UserError(f"{dest} exists (use --overwrite)")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{src}: cannot be read with weights_only=True ({str(e).splitlines()[0]})") from None
+    key = args.key or next((k for k in ("state_dict", "model_state_dict") if isinstance(obj, dict) and k in obj), None)
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            raise UserError(f"{src}: no key {key!r}")
+        obj = obj[key]
+    tensors = {k: v.contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise UserError(f"{src}: holds no tensors")
+    skipped = len(obj) - len(tensors)
+    tmp = dest.with_name(f".{dest.name}.tmp")  # written beside, then renamed: never a partial file
+    save_file(tensors, str(tmp))
+    os.replace(tmp, dest)
+    print(f"{dest}: {len(tensors)} tensors" + (f" ({skipped} non-tensor entries skipped)" if skipped else ""))
     return 0
