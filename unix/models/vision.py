@@ -6,6 +6,8 @@ Parameter names map 1:1 onto the released `vit_model.vision_tower.*` tensors (ti
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,7 +76,8 @@ class SiglipVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         S = self.cfg.image_size
-        if pixels.shape[-3:] != (3, S, S):
+        # timm's PatchEmbed is strict too: the learned positions exist for one grid only.
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, S, S):
             raise ValueError(f"vision tower expects (B, 3, {S}, {S}) pixels, got {tuple(pixels.shape)}")
         x = self.patch_embed(pixels) + self.pos_embed
         for block in self.blocks:
@@ -82,15 +85,22 @@ class SiglipVisionTower(nn.Module):
         return self.norm(x)
 
 
+# Janus' projector (the training code) uses exact GELU; the reference inference code runs the tanh
+# approximation. Exact is the default; "gelu_tanh" reproduces reference outputs (compat section 1.6).
+_GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class Connector(nn.Module):
     """fc1 -> GELU -> fc2 (released as `connector.layers.0/2`, Janus' MlpProjector)."""
 
-    def __init__(self, in_dim: int, out_dim: int, act: str = "gelu"):
+    def __init__(self, in_dim: int, out_dim: int, act: Literal["gelu", "gelu_tanh"] = "gelu"):
         super().__init__()
+        if act not in _GELU_APPROX:
+            raise ValueError(f"connector act must be one of {list(_GELU_APPROX)}, got {act!r}")
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
-        # "gelu_tanh" reproduces the reference inference code; training used exact GELU.
-        self.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[act]
+        self.act = act
+        self.approximate = _GELU_APPROX[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
@@ -98,6 +108,8 @@ class Connector(nn.Module):
 
 def normalize_pixels(images: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     """images in [0, 1], (B, 1|3, S, S) -> chest-X-ray normalised (B, 3, S, S); grey becomes 3 equal channels."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 1|3, H, W), got {tuple(images.shape)}")
     if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
+        images = images.expand(-1, 3, -1, -1)  # the ViT was trained on RGB copies of the grey image
     return (images - cfg.image_mean) / cfg.image_std
