@@ -249,3 +249,23 @@ def test_eval_images_with_a_plugged_extractor_and_manifest(tmp_path, capsys):
         args.handler(args)  # 8 images cannot make 4 shards of 7
     with pytest.raises(UserError, match="no such folder"):
         image_commands.list_images(tmp_path / "missing")
+
+
+def test_agreement_command_on_real_phantom_images(tmp_path, capsys):
+    """The shipped classifier on real phantom images against their own labels: near the ceiling."""
+    from pathlib import Path
+
+    from unix.cli import main
+
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    if not (weights / "phantom-classifier" / "model.safetensors").is_file():
+        pytest.skip("phantom classifier not present")
+    assert main(["data", "phantom", "--out", str(tmp_path / "ph"), "--n", "40", "--seed", "11", "--png"]) == 0
+    out = tmp_path / "agree.json"
+    (tmp_path / "ph" / "png" / "train" / "junk.png").write_bytes(b"x")  # no labels: reported and skipped
+    assert main(["eval", "agreement", "--images", str(tmp_path / "ph" / "png"), "--labels",
+                 str(tmp_path / "ph" / "metadata.jsonl"), "--weights-dir", str(weights), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 40 and len(result["skipped"]) == 1
+    assert result["micro_f1"] > 0.8
+    assert "micro F1" in capsys.readouterr().out

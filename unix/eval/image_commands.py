@@ -12,10 +12,8 @@ it adds per-finding metrics on the real and fake images whose ids are labelled p
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from PIL import Image
 from unix.errors import UserError
 from unix.eval import image_metrics as im
 from unix.eval.features import EXTRACTORS, extract_features, get_extractor
+from unix.infer.io import atomic_write, read_table
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +35,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 class ImageItem:
     id: str
     path: Path
-
-
-def _read_manifest(path: Path) -> list[dict]:
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="") as f:
-                return list(csv.DictReader(f))
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the manifest ({e})") from None
 
 
 def list_images(source: str | Path) -> list[ImageItem]:
@@ -59,7 +48,7 @@ def list_images(source: str | Path) -> list[ImageItem]:
     if source.suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"{source}: expected a folder of images or a .csv/.jsonl manifest")
     items = []
-    for n, row in enumerate(_read_manifest(source), start=1):
+    for n, row in enumerate(read_table(source), start=1):
         if not isinstance(row, dict) or not row.get("path"):
             raise UserError(f"{source}: row {n} has no `path`")
         path = Path(row["path"])
@@ -98,9 +87,11 @@ def read_labels(path: Path, findings: tuple[str, ...] = im.CHEXPERT_FINDINGS) ->
     """id -> (len(findings),) float labels, NaN where blank or the column is missing."""
     if not path.is_file():
         raise UserError(f"{path}: no such labels file")
-    rows = _read_manifest(path) if path.suffix.lower() in (".csv", ".jsonl") else None
+    rows = read_table(path) if path.suffix.lower() in (".csv", ".jsonl") else None
     if rows is None:
         raise UserError(f"{path}: labels must be a .csv or .jsonl file")
+    # `unix data phantom --png` metadata nests the labels: {"id": ..., "labels": {"Cardiomegaly": 1, ...}}
+    rows = [{**row, **row["labels"]} if isinstance(row.get("labels"), dict) else row for row in rows]
     if rows and "id" not in rows[0]:
         raise UserError(f"{path}: needs an `id` column")
     if rows and not any(f in rows[0] for f in findings):
@@ -145,20 +136,6 @@ def format_table(result: dict) -> str:
     if result["skipped"]["real"] or result["skipped"]["fake"]:
         lines += ["", f"Unreadable images skipped: {len(result['skipped']['real'])} real, {len(result['skipped']['fake'])} fake."]
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_images(args) -> int:
@@ -211,12 +188,61 @@ def run_images(args) -> int:
         )
     print(format_table(result))
     if args.out:
-        write_json_atomic(Path(args.out), result)
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return 0
 
 
+def run_agreement(args) -> int:
+    """Finding agreement: the phantom classifier's labels on generated images vs their prompts' labels."""
+    from unix.eval.phantom_classifier import load_extractor
+
+    items = list_images(args.images)
+    labels = read_labels(Path(args.labels))
+    extractor = load_extractor(args.weights_dir, args.device if args.device != "auto" else "cpu")
+    kept, probs, skipped = [], [], []
+    for item in items:
+        stem = Path(item.id).name
+        # the id itself, the file name in a folder tree, or `ID_k` (k-th image of prompt ID)
+        key = next((k for k in (item.id, stem, stem.rsplit("_", 1)[0]) if k in labels), None)
+        if key is None:
+            skipped.append({"path": str(item.path), "error": f"no labels for id {item.id!r}"})
+            continue
+        try:
+            image = load_image(item.path, extractor.input_size)
+        except (OSError, ValueError) as e:
+            skipped.append({"path": str(item.path), "error": str(e)})
+            continue
+        kept.append(key)
+        probs.append(extractor.predict(image[None])[0])
+    for s in skipped:
+        log.warning("skipping %s: %s", s["path"], s["error"])
+    if not kept:
+        raise UserError(f"{args.images}: no readable image has labels in {args.labels}")
+    pred = (torch.stack(probs).numpy() >= 0.5).astype(float)
+    result = im.finding_agreement(pred, np.stack([labels[k] for k in kept]), uncertain=args.uncertain)
+    result["skipped"] = skipped
+    print("| finding | F1 | TP | FP | FN |\n|---|---|---|---|---|")
+    for name, v in result["per_finding"].items():
+        f1 = "-" if v["f1"] is None else f"{v['f1']:.3f}"
+        print(f"| {name} | {f1} | {v['tp']} | {v['fp']} | {v['fn']} |")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"\nmicro F1 {fmt(result['micro_f1'])}, macro F1 {fmt(result['macro_f1'])} over {result['n']} images")
+    if args.out:
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def register(subparsers) -> None:
+    p = subparsers.add_parser("agreement", help="finding agreement of generated phantom images with their prompts' labels")
+    p.add_argument("--images", required=True, help="generated images: folder or CSV/JSONL manifest (ids = prompt ids, or ID_k)")
+    p.add_argument("--labels", required=True, help="CSV/JSONL with `id` and the 14 CheXpert columns of each prompt")
+    p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
+    p.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="how prompt labels of -1 count")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(handler=run_agreement)
+
     p = subparsers.add_parser("images", help="FD, KID and precision/recall/density/coverage between real and generated images")
     p.add_argument("--real", required=True, help="folder of PNG/JPG images, or a CSV/JSONL manifest with a `path` column")
     p.add_argument("--fake", required=True, help="generated images: folder or manifest, as --real")
