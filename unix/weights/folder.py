@@ -115,13 +115,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     return model.to(device=device, dtype=dtype).eval(), report
 
 
-def save_model(model, folder: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
+def save_model(model, folder: str | Path, extra_files: dict[str, bytes] | None = None, state_dict: dict | None = None) -> Path:
     """Write model.safetensors (released names) + config.json, atomically: into a temporary
-    sibling folder, then renamed into place. An existing folder is replaced only as a whole."""
+    sibling folder, then renamed into place. An existing folder is replaced only as a whole.
+    `state_dict` replaces the model's own (e.g. gathered from FSDP shards, or EMA weights)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_released(model.state_dict()).items()}
+    sd = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_released(sd).items()}
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "unix"})
     (tmp / CONFIG_FILE).write_text(json.dumps({"unix_model": to_dict(model.cfg)}, indent=2))
     for name, data in (extra_files or {}).items():

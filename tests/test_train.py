@@ -1,0 +1,136 @@
+"""The staged trainer on the tiny preset and a small phantom set (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unix.cli import main
+from unix.errors import UserError
+from unix.train.config import load_train_config
+from unix.train.trainer import Trainer, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    assert main(["data", "phantom", "--out", str(root / "data"), "--n", "120", "--seed", "0", "--size", "64"]) == 0
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    from unix.config import load_model_config
+    from unix.models.vae import LatentCodec, build_vae
+    from unix.weights.ldm_vae import save_vae_safetensors
+
+    cfg = load_model_config("tiny").vae
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "model.safetensors"
+    save_vae_safetensors(LatentCodec(build_vae(cfg), cfg), path)
+    return path
+
+
+def cfg_for(stage, out, data, *extra):
+    name = "phantom_stage1.yaml" if stage == "und" else "phantom_stage2.yaml"
+    base = [f"data.shards={data}", f"out={out}", "steps=4", "save_every=2", "optim.warmup_steps=1",
+            "data.token_budget=700", "log_every=1"]
+    if stage == "gen":
+        base += ["data.image_size=64", "init=''", "vae=''", "model=tiny"]
+    return load_train_config(CONFIGS / name, base + list(extra))
+
+
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1") / "run"
+    history = run(cfg_for("und", out, data))
+    return out, history
+
+
+def test_und_stage_runs_and_exports(stage1, tmp_path):
+    out, history = stage1
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and all(h["loss"] > 0 for h in history)
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_last
+    assert json.loads((out / "final" / "train.json").read_text())["stages"] == ["und"]
+    from unix.infer import ReportSettings, load_pipeline
+
+    pipe = load_pipeline(out / "final", device="cpu")
+    from PIL import Image
+
+    Image.new("L", (64, 64), 128).save(tmp_path / "x.png")
+    assert isinstance(pipe.reports([str(tmp_path / "x.png")], ReportSettings(max_new_tokens=3))[0], str)
+
+
+def test_resume_reproduces_an_uninterrupted_run(data, tmp_path):
+    full = run(cfg_for("und", tmp_path / "a", data))
+    first = run(cfg_for("und", tmp_path / "b", data, "steps=2"))
+    rest = run(cfg_for("und", tmp_path / "b", data))  # resumes from step 2
+    assert [h["step"] for h in rest] == [3, 4]
+    assert [round(h["loss"], 6) for h in first + rest] == [round(h["loss"], 6) for h in full]
+
+
+def test_gen_stage_freezes_und_bitwise(stage1, data, vae_file, tmp_path):
+    init = stage1[0] / "final"
+    cfg = cfg_for("gen", tmp_path / "g", data, f"init={init}", f"vae={vae_file}")
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    # Stage 1 trained no generation branch: gen starts as a copy of und.
+    layer = trainer.model.decoder.layers[0]
+    assert torch.equal(layer.gen.q_proj.weight, layer.und.q_proj.weight)
+    history = trainer.fit()
+    params = dict(trainer.model.named_parameters())
+    und = [n for n in before if trainer.model.branch_of(n) == "und"]
+    assert und and all(torch.equal(before[n], params[n]) for n in und)
+    assert any(not torch.equal(before[n], params[n]) for n in before if trainer.model.branch_of(n) == "gen")
+    assert all(not p.requires_grad or trainer.model.branch_of(n) == "gen" for n, p in params.items())
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(params[n]) not in opt_params for n in und)  # frozen: no optimizer state
+    assert len(history) == 4
+    assert json.loads((tmp_path / "g" / "final" / "train.json").read_text())["stages"] == ["und", "gen"]
+    assert (tmp_path / "g" / "final" / "vae" / "model.safetensors").is_file()
+
+
+def test_loss_falls_on_a_short_run(data, tmp_path):
+    history = run(cfg_for("und", tmp_path / "f", data, "steps=30", "save_every=30", "optim.lr=3e-3"))
+    first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+
+
+def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
+    with pytest.raises(UserError, match="data.shards"):
+        Trainer(cfg_for("und", tmp_path / "x", tmp_path / "missing"))
+    with pytest.raises(UserError, match="image_size"):
+        cfg_for("gen", tmp_path / "x", data, "data.image_size=70")
+    with pytest.raises(UserError, match="stage"):
+        cfg_for("und", tmp_path / "x", data, "stage=pretrain")
+    with pytest.raises(UserError, match="vae"):
+        Trainer(cfg_for("gen", tmp_path / "x", data))
+    run(cfg_for("und", tmp_path / "y", data, "steps=1"))
+    with pytest.raises(UserError, match="another out"):
+        Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}"))
+
+
+def test_torchrun_two_processes(data, vae_file, tmp_path):
+    """Both stages under torchrun with 2 gloo processes (FSDP2), then a resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage, extra in (("und", []), ("gen", [f"vae={vae_file}"])):
+        cfg = CONFIGS / ("phantom_stage1.yaml" if stage == "und" else "phantom_stage2.yaml")
+        args = [f"data.shards={data}", f"out={tmp_path / stage}", "steps=3", "save_every=2", "data.token_budget=700"]
+        if stage == "gen":
+            args += ["init=''", "model=tiny", "data.image_size=64"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "unix.train", str(cfg)]
+        res = subprocess.run(cmd + args + extra, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and (tmp_path / stage / "final" / "model.safetensors").is_file()
+        if stage == "und":  # resume the sharded run from its step-3 checkpoint
+            res = subprocess.run(cmd + args + ["steps=4"], capture_output=True, text=True, env=env, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+            steps = [json.loads(x)["step"] for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+            assert steps == [1, 2, 3, 4]

@@ -1,0 +1,69 @@
+"""Typed configuration of one training stage (`unix train CONFIG.yaml [key=value ...]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from unix.config import ConfigError, load_config
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # folder of parquet shards (`unix data phantom`, MIMIC ingest)
+    split: str = "train"
+    token_budget: int = 4096  # tokens per packed sequence, per rank and step
+    max_samples: int = 64  # at most this many samples in one packed sequence
+    image_size: int = 256  # VAE resolution of generation stages (multiple of 16)
+    caption_dropout: float = 0.1  # generation: drop the prompt (= the unconditional branch)
+    instruction: str = ""  # understanding: instruction text; "" = the paper's report instruction
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    ema_decay: float = 0.0  # EMA of the trained branch (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["und", "gen"]  # und: decoder und + SigLIP + connector; gen: gen branch only
+    model: str = "tiny"  # model preset (configs/model/) or YAML path; ignored when `init` is a folder of ours
+    model_overrides: list[str] = field(default_factory=list)
+    init: str = ""  # weights folder to start from (ours or released); "" = random init
+    janus: str = ""  # stage 1 on real data: a Janus-Pro-1B folder to initialise from
+    tokenizer: str = ""  # folder with tokenizer files; "" = the `init` folder
+    vae: str = ""  # VAE file for generation stages; "" = `init`/vae/...
+    out: str = "runs/stage"  # run folder: checkpoints, metrics.jsonl, final export
+    seed: int = 0
+    steps: int = 1000
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    log_every: int = 10
+    save_every: int = 500  # checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept
+    logger: Literal["none", "wandb"] = "none"
+    wandb_project: str = "unix"
+
+    def __post_init__(self) -> None:
+        if self.data.image_size % 16:
+            raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of 16")
+        if not 0.0 <= self.data.caption_dropout < 1.0:
+            raise ConfigError("data.caption_dropout must be in [0, 1)")
+        if self.steps < 1 or self.keep_last < 1 or self.save_every < 1:
+            raise ConfigError("steps, save_every and keep_last must be at least 1")
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, [path], overrides)

@@ -1,0 +1,53 @@
+"""AdamW over the trained parameters only, warm-up then constant or cosine, and an EMA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unix.train.config import OptimConfig
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # Norms, biases and tables get no weight decay.
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of cfg.lr at `step` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (kept in float32)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
+        for n, p in named_params:
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        """Full tensors (FSDP2 shadows are DTensor shards: gathered here, a collective)."""
+        return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in state.items():
+            shadow = self.shadow[n]
+            if hasattr(shadow, "device_mesh"):  # re-shard the full tensor like its parameter
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(shadow.device), shadow.device_mesh, shadow.placements)
+            shadow.copy_(t)

@@ -1,0 +1,281 @@
+"""One trainer for every stage: understanding SFT (stage 1) and generation training (stages 2-3).
+
+    unix train configs/train/phantom_stage1.yaml steps=200
+    torchrun --nproc_per_node=8 -m unix.train configs/train/stage2_gen_pretrain.yaml
+
+Everything a run needs is checked before any compute starts; every step's randomness (timesteps,
+noise, caption dropout) comes from a generator seeded by (seed, step, rank), so a resumed run
+reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unix.config import ModelConfig, load_model_config, to_dict
+from unix.data.dataset import Item, Packer, RowStream, decode_gray
+from unix.errors import UserError
+from unix.flow import interpolate, sample_t, velocity_target
+from unix.models.sequence import LatentImage, Text, VitImage, pack
+from unix.models.unix import UniX
+from unix.models.vae import patchify
+from unix.models.vision import normalize_pixels
+from unix.tokenizer import REPORT_INSTRUCTION, Tokenizer, train_tokenizer
+from unix.train import parallel
+from unix.train.checkpoint import checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
+from unix.train.config import TrainConfig
+from unix.train.logger import MetricsLogger
+from unix.train.optim import EMA, build_optimizer, lr_factor
+from unix.weights.folder import VAE_FILES, load_model, read_model_config, save_model
+
+log = logging.getLogger(__name__)
+STAGES_FILE = "train.json"  # which stages a weights folder of ours has been trained through
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.d = cfg, parallel.setup()
+        self.out = Path(cfg.out)
+        self._check_inputs()
+        torch.manual_seed(cfg.seed)
+        self.model = self._build_model()
+        self.tokenizer = self._tokenizer()
+        self.codec = self._vae() if cfg.stage == "gen" else None
+        und = cfg.stage == "und"
+        self.model.set_trainable(und=und, gen=not und, vision=und)
+        self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.stream = RowStream(cfg.data.shards, cfg.data.split, cfg.seed, self.d.rank, self.d.world)
+        self.packer = Packer(self.stream, self._item, cfg.data.token_budget, cfg.data.max_samples)
+        self.step, state = 0, self._resume_state()
+        self.model.to(self.d.device)
+        self.model.decoder.checkpointing = cfg.activation_checkpointing
+        if self.d.world > 1:
+            parallel.shard_model(self.model, self.d, bf16=self.bf16)
+            self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer([p for _, p in self.trained], cfg.optim)
+        self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        if state is not None:
+            self._restore(state)
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    @property
+    def bf16(self) -> bool:
+        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.d.device.type == "cuda")
+
+    def _check_inputs(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.shards or not Path(cfg.data.shards).is_dir():
+            raise UserError(f"data.shards: shard folder {cfg.data.shards!r} not found")
+        for key in ("init", "janus", "tokenizer"):
+            value = getattr(cfg, key)
+            if value and not Path(value).is_dir():
+                raise UserError(f"{key}: folder {value!r} not found")
+        if cfg.vae and not Path(cfg.vae).is_file():
+            raise UserError(f"vae: file {cfg.vae!r} not found")
+        if cfg.stage == "gen" and not cfg.vae and not (cfg.init and any((Path(cfg.init) / v).is_file() for v in VAE_FILES)):
+            raise UserError("vae: a generation stage needs a VAE (set vae=PATH or use an init folder with vae/)")
+        run = self.out / "run.json"
+        if run.is_file():
+            prev = json.loads(run.read_text())
+            if prev.get("stage") != cfg.stage or prev.get("model") != cfg.model:
+                raise UserError(f"out: {self.out} holds a run of stage {prev.get('stage')!r} / model {prev.get('model')!r}; "
+                                f"use another out= to start stage {cfg.stage!r}")
+
+    def _model_config(self) -> ModelConfig:
+        if self.cfg.init:
+            cfg = read_model_config(Path(self.cfg.init))
+        else:
+            cfg = load_model_config(self.cfg.model, self.cfg.model_overrides)
+        cfg.attn_backend = self.cfg.attn_backend
+        return cfg
+
+    def _build_model(self) -> UniX:
+        cfg = self._model_config()
+        if self.cfg.init:
+            model, _ = load_model(self.cfg.init)
+            model.cfg.attn_backend = cfg.attn_backend
+            stages = self._init_stages()
+            if self.cfg.stage == "gen" and "gen" not in stages:
+                log.info("init has no trained generation branch: copying und -> gen")
+                model.init_gen_from_und()
+            return model.train()
+        model = UniX(cfg)
+        if self.cfg.janus:
+            from unix.weights.janus import load_janus
+
+            load_janus(model, self.cfg.janus)
+        return model.train()
+
+    def _init_stages(self) -> list[str]:
+        path = Path(self.cfg.init) / STAGES_FILE
+        return json.loads(path.read_text()).get("stages", []) if path.is_file() else []
+
+    def _tokenizer(self) -> Tokenizer:
+        folder = self.cfg.tokenizer or self.cfg.init or self.cfg.janus
+        tokens = self.model.cfg.tokens
+        if folder:
+            return Tokenizer.from_folder(folder, tokens)
+        # No tokenizer anywhere: train a byte-level BPE on this data's reports (our tiny models).
+        from unix.data.shards import iter_rows
+
+        reports = [r["report"] for r in iter_rows(self.cfg.data.shards, self.cfg.data.split, columns=["report"])]
+        if self.d.main:
+            log.info("training a %d-token BPE tokenizer on %d reports", self.model.cfg.lm.vocab_size, len(reports))
+        return train_tokenizer(reports, self.model.cfg.lm.vocab_size, tokens)
+
+    def _vae(self):
+        from unix.weights.ldm_vae import load_ldm_vae
+
+        path = Path(self.cfg.vae) if self.cfg.vae else next(Path(self.cfg.init) / v for v in VAE_FILES if (Path(self.cfg.init) / v).is_file())
+        self.vae_path = path
+        return load_ldm_vae(path, self.model.cfg.vae).to(self.d.device)
+
+    def _item(self, row: dict) -> Item:
+        cfg, mcfg = self.cfg, self.model.cfg
+        report = self.tokenizer.segment(row["report"])
+        if cfg.stage == "und":
+            prompt = self.tokenizer.segment(cfg.data.instruction or REPORT_INSTRUCTION)
+            image = decode_gray(row["image"], mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
+            return Item(prompt, report, image, mcfg.vision.num_patches + 2 + len(prompt) + len(report))
+        side = cfg.data.image_size // mcfg.vae.downsample
+        image = decode_gray(row["image"], cfg.data.image_size, fill=0.0)
+        return Item(report, [], image, len(report) + side * side + 2)
+
+    # --- resume ---------------------------------------------------------------------------
+
+    def _resume_state(self) -> dict | None:
+        found = checkpoints(self.out)
+        if not found:
+            return None
+        if self.d.main:
+            log.info("resuming from %s", found[-1])
+        return load_checkpoint(found[-1], self.model)
+
+    def _restore(self, state: dict) -> None:
+        self.step = int(state["step"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.packer.load_state_dict(state["data"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+
+    # --- the step -------------------------------------------------------------------------
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + self.d.rank)
+
+    def _samples(self, items: list[Item], g: torch.Generator):
+        mcfg, dev = self.model.cfg, self.d.device
+        if self.cfg.stage == "und":
+            pixels = normalize_pixels(torch.stack([it.image for it in items]), mcfg.vision)
+            return [[VitImage(px), Text(it.prompt), Text(it.answer, loss=True)] for px, it in zip(pixels, items)], None
+        images = torch.stack([it.image for it in items]).to(dev).expand(-1, 3, -1, -1) * 2 - 1
+        z = self.codec.encode(images).float()
+        h, w = z.shape[-2:]
+        x0 = patchify(z).cpu()  # (n, h*w, C)
+        n = len(items)
+        t = sample_t(n, self.cfg.timestep_shift, generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps)
+        drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
+        samples = [([] if drop[i] else [Text(it.prompt)]) + [LatentImage(x_t[i], h, w, t=float(t[i]))] for i, it in enumerate(items)]
+        return samples, target.reshape(-1, target.shape[-1])
+
+    def train_step(self) -> dict:
+        cfg, mcfg, dev = self.cfg, self.model.cfg, self.d.device
+        items = self.packer.next_batch()
+        samples, target = self._samples(items, self._generator(self.step))
+        batch = pack(samples, mcfg.tokens, mcfg.vision.num_patches, mcfg.gen.max_latent_size).to(dev)
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.bf16 and dev.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            if cfg.stage == "und":
+                out = self.model(batch, logits_at=batch.text_loss)
+                targets = batch.input_ids[:, 1:][batch.text_loss[:, :-1]]
+                loss_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+            else:
+                out = self.model(batch)
+                targets = target.to(dev)
+                loss_sum = (out.velocity.float() - targets).pow(2).mean(dim=-1).sum()
+        n_global = parallel.all_sum(targets.shape[0], self.d)
+        # Gradients are averaged over ranks, so scale by world: the result is sum / global count.
+        (loss_sum * self.d.world / n_global).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.optim.grad_clip or float("inf"))
+        lr = cfg.optim.lr * lr_factor(self.step, cfg.steps, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.trained)
+        self.step += 1
+        return {"step": self.step, "loss": parallel.all_sum(loss_sum.item(), self.d) / n_global,
+                "grad_norm": float(grad_norm), "lr": lr, "tokens": parallel.all_sum(batch.input_ids.numel(), self.d),
+                "samples": parallel.all_sum(len(items), self.d)}
+
+    # --- loop and outputs -----------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run.json").write_text(json.dumps({"stage": cfg.stage, "model": cfg.model, "config": to_dict(cfg)}, indent=1))
+        logger = MetricsLogger(self.out, cfg, total=cfg.steps, start=self.step, enabled=self.d.main)
+        history = []
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step()
+            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t0)
+            history.append(metrics)
+            logger.log(metrics, every=cfg.log_every)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+        logger.close()
+        self.export()
+        return history
+
+    def _train_state(self) -> dict:
+        return {"data": self.packer.state_dict(), "ema": self.ema.state_dict() if self.ema else {}, "rng": torch.get_rng_state()}
+
+    def save(self) -> None:
+        save_checkpoint(self.out, self.step, self.model, self.optimizer, self._train_state(), self.cfg.keep_last, self.d.main)
+
+    def export(self) -> Path:
+        """OUT/final: a weights folder `unix report` / `unix generate` load (EMA weights if kept)."""
+        from unix.train.checkpoint import full_state
+
+        model_sd, _ = full_state(self.model, self.optimizer)
+        if self.ema is not None:
+            model_sd = {**model_sd, **self.ema.state_dict()}
+        if not self.d.main:
+            return self.out / "final"
+        files = {STAGES_FILE: json.dumps({"stages": self._init_stages() + [self.cfg.stage]}).encode()}
+        files.update(_tokenizer_files(self.tokenizer))
+        vae = self.cfg.vae or next((str(Path(self.cfg.init) / v) for v in VAE_FILES if self.cfg.init and (Path(self.cfg.init) / v).is_file()), "")
+        if vae:  # under the name inference looks for
+            name = VAE_FILES[0] if vae.endswith(".safetensors") else VAE_FILES[1]
+            files[name] = Path(vae).read_bytes()
+        return save_model(self.model, self.out / "final", files, state_dict=model_sd)
+
+
+def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def run(cfg: TrainConfig) -> list[dict]:
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        parallel.teardown()
