@@ -134,3 +134,16 @@ def test_torchrun_two_processes(data, vae_file, tmp_path):
             assert res.returncode == 0, res.stderr[-3000:]
             steps = [json.loads(x)["step"] for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
             assert steps == [1, 2, 3, 4]
+
+
+def test_vae_stage0_writes_a_loadable_vae(data, tmp_path):
+    from unix.config import load_model_config
+    from unix.weights.ldm_vae import load_ldm_vae
+
+    out = tmp_path / "vae"
+    assert main(["train-vae", "--shards", str(data), "--out", str(out), "--steps", "3", "--image-size", "64", "--batch-size", "2"]) == 0
+    stats = json.loads((out / "vae.json").read_text())
+    assert stats["scale"] > 0
+    codec = load_ldm_vae(out / "model.safetensors", load_model_config("tiny").vae)
+    assert codec.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 4, 4)
+    assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "70"]) == 2
