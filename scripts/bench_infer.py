@@ -21,7 +21,7 @@ import torch
 from unix.config import load_model_config
 from unix.infer.images import ImageSettings, sample_latents, sample_latents_naive
 from unix.infer.reports import ReportSettings, generate_report_ids, generate_report_ids_uncached
-from unix.models.unix import UniX
+from unix.models.unix import random_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,18 +48,6 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def random_model(preset: str, device, dtype):
-    cfg = load_model_config(preset)
-    with torch.device("meta"):
-        model = UniX(cfg)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.reset_buffers()
-    return model.to(dtype).eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -75,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    model = random_model(args.preset, device, DTYPES[args.dtype])
+    model = random_model(load_model_config(args.preset), device, DTYPES[args.dtype])
     tok = FixedTokenizer(model.cfg, args.prompt_len)
     print(f"preset={args.preset} device={device} dtype={args.dtype} size={args.size} steps={args.steps} threads={torch.get_num_threads()}")
     if device.type == "cuda":

@@ -17,7 +17,7 @@ import torch
 
 from unix.config import load_model_config
 from unix.models.sequence import LatentImage, Text, VitImage, pack
-from unix.models.unix import UniX
+from unix.models.unix import random_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,14 +55,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     cfg = load_model_config(args.preset)
-    with torch.device("meta"):
-        model = UniX(cfg)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.reset_buffers()
-    model = model.to(DTYPES[args.dtype]).eval()
+    model = random_model(cfg, device, DTYPES[args.dtype])
     batch = build_batch(cfg, args.samples, args.prompt_len, args.latent_side).to(device)
     n_tokens = batch.input_ids.numel()
     print(f"preset={args.preset} device={device} dtype={args.dtype} tokens={n_tokens} "

@@ -129,3 +129,16 @@ class UniX(nn.Module):
         logits = self.lm_head(hidden[logits_at]) if logits_at is not None else None
         velocity = self.llm2vae(hidden[batch.is_gen]) if batch.latents is not None else None
         return ModelOutput(logits, velocity, hidden, tapped)
+
+
+def random_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, std: float = 0.02) -> UniX:
+    """A model with N(0, std) weights built directly on `device` (no full CPU init first): for
+    benchmarks, where speed does not depend on the weights."""
+    with torch.device("meta"):
+        model = UniX(cfg)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    model.reset_buffers()
+    return model.to(dtype).eval()
