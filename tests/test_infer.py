@@ -181,6 +181,7 @@ def test_generate_cli(folder, tmp_path, capsys):
         (["generate", "  ", "--size", "64"], "empty"),
         (["generate", "x", "--size", "72"], "multiple of 16"),
         (["generate", "x", "--size", "512"], "latent table"),
+        (["generate", "effusion " * 3000, "--size", "64"], "more than the context"),
         (["report", "missing.png"], "no such file"),
         (["report", "x.png", "--device", "cuda"], "CUDA"),
     ],
