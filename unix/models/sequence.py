@@ -9,7 +9,7 @@ a noisy latent image (always last).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
@@ -66,7 +66,6 @@ class PackedBatch:
     timesteps: torch.Tensor | None = None  # (n_latent_tokens,)
     latent_pos: torch.Tensor | None = None  # (n_latent_tokens,) index into the sin-cos table
     text_loss: torch.Tensor | None = None  # (B, L) bool: tokens whose NEXT token is a text target
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_gen(self) -> torch.Tensor:
@@ -77,7 +76,7 @@ class PackedBatch:
         return PackedBatch(
             move(self.input_ids), move(self.position_ids), move(self.kind), self.meta.to(device),
             move(self.vit_pixels), move(self.latents), move(self.timesteps), move(self.latent_pos),
-            move(self.text_loss), self.extra,
+            move(self.text_loss),
         )
 
 

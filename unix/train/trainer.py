@@ -11,7 +11,6 @@ reproduces an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import time
