@@ -71,7 +71,7 @@ def train_vae(s: VAETrainSettings) -> dict:
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(batch()).latent_dist.mean for _ in range(8)])
-    stats = {"shift": float(z.mean()), "scale": float(1.0 / z.std()), "l1": float(l1)}
+    stats = {"shift": float(z.mean()), "scale": float(1.0 / z.std()), "l1": l1.item()}
     codec = LatentCodec(vae, cfg)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
