@@ -24,14 +24,7 @@ from PIL import Image, ImageDraw
 
 from unix.data.phantom_report import write_report
 
-try:
-    from unix.eval.chexpert import CHEXPERT_FINDINGS
-except ImportError:  # unix/eval/chexpert.py not written yet: the same 14 observations, same order
-    CHEXPERT_FINDINGS = (
-        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-        "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-        "Pleural Other", "Fracture", "Support Devices",
-    )
+from unix.eval.chexpert import CHEXPERT_FINDINGS
 
 LABELS: tuple[str, ...] = CHEXPERT_FINDINGS
 PATHOLOGIES = tuple(name for name in LABELS if name not in ("No Finding", "Support Devices"))

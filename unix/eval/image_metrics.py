@@ -15,14 +15,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-try:
-    from unix.eval.chexpert import CHEXPERT_FINDINGS
-except ImportError:  # unix/eval/chexpert.py not written yet: the same 14 observations, same order
-    CHEXPERT_FINDINGS = (
-        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-        "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-        "Pleural Other", "Fracture", "Support Devices",
-    )
+from unix.eval.chexpert import CHEXPERT_FINDINGS
 
 Metrics = dict[str, float]
 MetricFn = Callable[[np.ndarray, np.ndarray], "Metrics | float"]
