@@ -34,6 +34,11 @@ def setup() -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world, local, device)
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -275,6 +275,8 @@ def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
 
 def run(cfg: TrainConfig) -> list[dict]:
     try:
-        return Trainer(cfg).fit()
+        history = Trainer(cfg).fit()
+        parallel.barrier()  # no rank tears the group down while rank 0 still writes OUT/final
+        return history
     finally:
         parallel.teardown()
