@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--ref", required=True, help="CSV/JSONL of reference reports (`id`, `report`)")
     p.add_argument("--out", help="write every number as JSON here")
     p.add_argument("--markdown", help="write the Markdown table here too")
+    p.add_argument("--radgraph-dir", default="weights/radgraph",
+                   help="RadGraph model (radgraph.tar.gz or radgraph/); skipped when absent (default: weights/radgraph)")
     add_labeler_args(p)
     p.set_defaults(handler=cmd_reports)
 
@@ -41,6 +43,16 @@ def make_labeler(args):
     from unix.eval.rule_labeler import RuleLabeler
 
     return RuleLabeler()
+
+
+def make_radgraph(root: str, device: str):
+    """(annotator, None) when the RadGraph model is in `root`, else (None, why it is skipped)."""
+    from unix.eval.radgraph import MODEL_FILES, load_annotator
+
+    folder = Path(root)
+    if not (folder / "radgraph.tar.gz").is_file() and not all((folder / "radgraph" / f).is_file() for f in MODEL_FILES):
+        return None, f"radgraph: no model in {root} (radgraph.tar.gz from StanfordAIMI/RRG_scorers, and pip install radgraph==0.1.18)"
+    return load_annotator(folder, device), None
 
 
 def read_reports(path: str) -> tuple[dict[str, str], list[str]]:
@@ -97,7 +109,8 @@ def cmd_reports(args) -> int:
         problems.append(f"{len(only_ref)} reference id(s) without a prediction, e.g. {only_ref[0]}")
     for p in problems:
         print(f"unix: warning: {p}", file=sys.stderr)
-    result = evaluate_reports(preds, refs, make_labeler(args))
+    radgraph, missing = make_radgraph(args.radgraph_dir, args.device)
+    result = evaluate_reports(preds, refs, make_labeler(args), radgraph, missing)
     if result["n"] == 0:
         raise UserError(f"no id appears in both {args.pred} and {args.ref}")
     result["problems"] = problems

@@ -81,8 +81,11 @@ def meteor(preds: list[str], refs: list[str]) -> float:
     return float(np.mean([meteor_score([tokenize(r)], tokenize(p)) for p, r in zip(preds, refs)]))
 
 
-def evaluate_reports(preds: dict[str, str], refs: dict[str, str], labeler) -> dict:
-    """Every number for the reports whose ids appear on both sides (in reference order)."""
+def evaluate_reports(preds: dict[str, str], refs: dict[str, str], labeler, radgraph=None,
+                     radgraph_missing: str = "radgraph: no annotator given") -> dict:
+    """Every number for the reports whose ids appear on both sides (in reference order).
+    `radgraph` annotates reports (`unix.eval.radgraph.load_annotator`); without it RadGraph F1 is
+    skipped with the `radgraph_missing` note."""
     ids = [i for i in refs if i in preds]
     p, r = [preds[i] for i in ids], [refs[i] for i in ids]
     result: dict = {"n": len(ids), "labeler": getattr(labeler, "name", "custom"), "skipped": []}
@@ -102,7 +105,12 @@ def evaluate_reports(preds: dict[str, str], refs: dict[str, str], labeler) -> di
         result["meteor"] = meteor(p, r)
     except (ImportError, LookupError):
         result["skipped"].append("meteor: needs NLTK WordNet data (Debian packages wordnet-base + wordnet-sense-index)")
-    result["skipped"].append("radgraph: put the RadGraph model in weights/radgraph/ (not wired yet)")
+    if radgraph is None:
+        result["skipped"].append(radgraph_missing)
+    else:
+        from unix.eval.radgraph import radgraph_f1
+
+        result.update(radgraph_f1(radgraph(p), radgraph(r)))
     return result
 
 

@@ -4,6 +4,7 @@ shards the model with FSDP2. A single process needs neither and runs the same co
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,9 @@ def shard_model(model, d: Dist, bf16: bool) -> None:
     """FSDP2: every decoder layer and ViT block its own unit, then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # Our layers return reshaped views of fresh tensors and nothing modifies them in place, so
+    # FSDP2's warning about in-place ops on views does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in list(model.decoder.layers) + list(model.vision.blocks):
         fully_shard(block, mp_policy=mp)
