@@ -147,3 +147,26 @@ def test_vae_stage0_writes_a_loadable_vae(data, tmp_path):
     codec = load_ldm_vae(out / "model.safetensors", load_model_config("tiny").vae)
     assert codec.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 4, 4)
     assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "70"]) == 2
+
+
+def test_vision_stage0_starts_stage1(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from unix.weights.folder import load_model
+
+    out = tmp_path / "vision"
+    assert main(["train-vision", "--shards", str(data), "--out", str(out), "--preset", "tiny", "--steps", "3", "--batch-size", "4"]) == 0
+    stats = json.loads((out / "vision.json").read_text())
+    assert stats["preset"] == "tiny" and 0 <= (stats["val_micro_f1"] or 0) <= 1
+    tower = load_file(str(out / "vision.safetensors"))
+    assert "patch_embed.proj.weight" in tower and "blocks.1.mlp.fc2.bias" in tower
+    # stage 1 starts from the tower: with lr 0 its exported weights are the pre-trained ones
+    run(cfg_for("und", tmp_path / "s1", data, f"vision={out / 'vision.safetensors'}", "steps=1", "optim.lr=0"))
+    model, _ = load_model(tmp_path / "s1" / "final")
+    for name, value in tower.items():
+        assert torch.equal(model.vision.state_dict()[name], value), name
+    # a tower of another size is refused by name before any training
+    with pytest.raises(UserError, match="does not fit"):
+        run(cfg_for("und", tmp_path / "s1b", data, f"vision={out / 'vision.safetensors'}", "model_overrides=[vision.width=64]"))
+    with pytest.raises(UserError, match="vision: file"):
+        run(cfg_for("und", tmp_path / "s1c", data, "vision=nope.safetensors"))

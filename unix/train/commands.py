@@ -20,6 +20,17 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_train_vae)
 
+    p = subparsers.add_parser("train-vision", help="stage 0: pre-train the vision tower on image labels (the phantom set's SigLIP)")
+    p.add_argument("--shards", required=True, help="shard folder with the 14 CheXpert label columns (train split; val for the score)")
+    p.add_argument("--out", required=True, help="output folder: vision.safetensors + vision.json")
+    p.add_argument("--preset", default="phantom", help="model preset whose `vision` section is trained (default phantom)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model preset override, e.g. vision.depth=6")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_train_vision)
+
 
 def cmd_train(args) -> int:
     from unix.train.config import load_train_config
@@ -39,4 +50,13 @@ def cmd_train_vae(args) -> int:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 16")
     stats = train_vae(VAETrainSettings(args.shards, args.out, args.preset, args.steps, args.batch_size, args.image_size, args.lr, seed=args.seed))
     print(f"vae.scale={stats['scale']:.6f} vae.shift={stats['shift']:.6f} (final L1 {stats['l1']:.4f})")
+    return 0
+
+
+def cmd_train_vision(args) -> int:
+    from unix.train.vision import VisionTrainSettings, train_vision
+
+    stats = train_vision(VisionTrainSettings(args.shards, args.out, args.preset, tuple(args.override), args.steps,
+                                             args.batch_size, args.lr, args.seed))
+    print(f"{args.out}: vision tower written (validation micro-F1 of the label probe: {stats['val_micro_f1']})")
     return 0

@@ -41,6 +41,7 @@ class TrainConfig:
     janus: str = ""  # stage 1 on real data: a Janus-Pro-1B folder to initialise from
     tokenizer: str = ""  # folder with tokenizer files; "" = the `init` folder
     vae: str = ""  # VAE file for generation stages; "" = `init`/vae/...
+    vision: str = ""  # stage 1 without Janus: a `unix train-vision` tower (vision.safetensors) to start from
     out: str = "runs/stage"  # run folder: checkpoints, metrics.jsonl, final export
     seed: int = 0
     steps: int = 1000

@@ -78,8 +78,10 @@ class Trainer:
             value = getattr(cfg, key)
             if value and not Path(value).is_dir():
                 raise UserError(f"{key}: folder {value!r} not found")
-        if cfg.vae and not Path(cfg.vae).is_file():
-            raise UserError(f"vae: file {cfg.vae!r} not found")
+        for key in ("vae", "vision"):
+            value = getattr(cfg, key)
+            if value and not Path(value).is_file():
+                raise UserError(f"{key}: file {value!r} not found")
         if cfg.stage == "gen" and not cfg.vae and not (cfg.init and any((Path(cfg.init) / v).is_file() for v in VAE_FILES)):
             raise UserError("vae: a generation stage needs a VAE (set vae=PATH or use an init folder with vae/)")
         run = self.out / "run.json"
@@ -112,6 +114,10 @@ class Trainer:
             from unix.weights.janus import load_janus
 
             load_janus(model, self.cfg.janus)
+        if self.cfg.vision:
+            from unix.train.vision import load_vision_tower
+
+            load_vision_tower(model.vision, self.cfg.vision)
         return model.train()
 
     def _init_stages(self) -> list[str]:
