@@ -269,3 +269,18 @@ def test_agreement_command_on_real_phantom_images(tmp_path, capsys):
     assert result["n"] == 40 and len(result["skipped"]) == 1
     assert result["micro_f1"] > 0.8
     assert "micro F1" in capsys.readouterr().out
+
+
+def test_repa_raddino_patches_follow_the_model(rad_dino_dir):
+    from unix.train.repa import build_encoder, target_tokens
+
+    encoder = build_encoder("raddino", str(rad_dino_dir.parent))
+    images = torch.rand(2, 1, 56, 56)
+    fmap = encoder(images)
+    assert fmap.shape == (2, 32, 4, 4) and encoder.dim == 32
+    with torch.no_grad():
+        hidden = encoder.net(pixel_values=encoder.preprocess(images)).last_hidden_state
+    torch.testing.assert_close(fmap[1, :, 0, 1], hidden[1, 1 + 1])  # after CLS: row 0, column 1
+    tokens = target_tokens(encoder, images, 2, 2)  # area-averaged to a 2x2 latent grid, raster order
+    assert tokens.shape == (8, 32)
+    torch.testing.assert_close(tokens[5], fmap[1, :, :2, 2:].mean(dim=(1, 2)))

@@ -119,7 +119,9 @@ def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
 def test_torchrun_two_processes(data, vae_file, tmp_path):
     """Both stages under torchrun with 2 gloo processes (FSDP2), then a resume."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for stage, extra in (("und", []), ("gen", [f"vae={vae_file}"])):
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    repa = ["repa.encoder=phantom", "repa.layer=0", f"repa.weights_dir={weights}"]  # head grads all-reduced
+    for stage, extra in (("und", []), ("gen", [f"vae={vae_file}", *repa])):
         cfg = CONFIGS / ("phantom_stage1.yaml" if stage == "und" else "phantom_stage2.yaml")
         args = [f"data.shards={data}", f"out={tmp_path / stage}", "steps=3", "save_every=2", "data.token_budget=700"]
         if stage == "gen":
@@ -170,3 +172,24 @@ def test_vision_stage0_starts_stage1(data, tmp_path):
         run(cfg_for("und", tmp_path / "s1b", data, f"vision={out / 'vision.safetensors'}", "model_overrides=[vision.width=64]"))
     with pytest.raises(UserError, match="vision: file"):
         run(cfg_for("und", tmp_path / "s1c", data, "vision=nope.safetensors"))
+
+
+def test_repa_aligns_and_resumes(data, vae_file, tmp_path):
+    from unix.config import ConfigError
+    from unix.infer import load_pipeline
+
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    extra = [f"vae={vae_file}", "repa.encoder=phantom", "repa.layer=0", f"repa.weights_dir={weights}"]
+    full = run(cfg_for("gen", tmp_path / "a", data, *extra))
+    assert all(0 < h["repa"] < 2 for h in full)
+    first = run(cfg_for("gen", tmp_path / "b", data, *extra, "steps=2"))
+    rest = run(cfg_for("gen", tmp_path / "b", data, *extra))  # resumes the head and its optimizer too
+    assert [(round(h["loss"], 6), round(h["repa"], 6)) for h in first + rest] == [(round(h["loss"], 6), round(h["repa"], 6)) for h in full]
+    load_pipeline(tmp_path / "a" / "final", device="cpu")  # the head is not exported
+    # the alignment is learned: the REPA loss falls over a short run
+    history = run(cfg_for("gen", tmp_path / "c", data, *extra, "steps=25", "save_every=25", "optim.lr=3e-3"))
+    assert sum(h["repa"] for h in history[-3:]) < 0.8 * sum(h["repa"] for h in history[:3])
+    with pytest.raises(ConfigError, match="repa"):
+        cfg_for("und", tmp_path / "x", data, "repa.encoder=phantom")
+    with pytest.raises(UserError, match="repa.encoder"):
+        Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}", "repa.encoder=clip"))

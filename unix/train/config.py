@@ -33,6 +33,14 @@ class OptimConfig:
 
 
 @dataclass
+class RepaConfig:
+    encoder: str = ""  # "" = off; "raddino" (weights/rad-dino) or "phantom" (weights/phantom-classifier)
+    weight: float = 0.5  # loss = flow MSE + weight x (1 - cos)
+    layer: int = -1  # decoder layer (0-based) whose output is aligned; -1 = a third of the way down
+    weights_dir: str = "weights"
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["und", "gen"]  # und: decoder und + SigLIP + connector; gen: gen branch only
     model: str = "tiny"  # model preset (configs/model/) or YAML path; ignored when `init` is a folder of ours
@@ -47,6 +55,7 @@ class TrainConfig:
     steps: int = 1000
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)  # generation stages only
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
@@ -62,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of 16")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError("data.caption_dropout must be in [0, 1)")
+        if self.repa.encoder and self.stage != "gen":
+            raise ConfigError("repa: REPA aligns generation tokens; set it on a generation stage only")
         if self.steps < 1 or self.keep_last < 1 or self.save_every < 1:
             raise ConfigError("steps, save_every and keep_last must be at least 1")
 

@@ -61,6 +61,7 @@ class Trainer:
             self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer([p for _, p in self.trained], cfg.optim)
         self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.repa = self._repa() if cfg.repa.encoder else None
         if state is not None:
             self._restore(state)
 
@@ -120,6 +121,12 @@ class Trainer:
             load_vision_tower(model.vision, self.cfg.vision)
         return model.train()
 
+    def _repa(self):
+        from unix.train.repa import Repa
+
+        lm = self.model.cfg.lm
+        return Repa(self.cfg.repa, lm.hidden_size, lm.num_layers, self.cfg.optim, self.d.device)
+
     def _init_stages(self) -> list[str]:
         path = Path(self.cfg.init) / STAGES_FILE
         return json.loads(path.read_text()).get("stages", []) if path.is_file() else []
@@ -171,6 +178,10 @@ class Trainer:
         self.packer.load_state_dict(state["data"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if self.repa is not None:
+            if not state.get("repa"):
+                raise UserError(f"out: the checkpoint in {self.out} was written without REPA; resume with repa.encoder=''")
+            self.repa.load_state_dict(state["repa"])
         torch.set_rng_state(state["rng"])
 
     # --- the step -------------------------------------------------------------------------
@@ -182,10 +193,11 @@ class Trainer:
         mcfg, dev = self.model.cfg, self.d.device
         if self.cfg.stage == "und":
             pixels = normalize_pixels(torch.stack([it.image for it in items]), mcfg.vision)
-            return [[VitImage(px), Text(it.prompt), Text(it.answer, loss=True)] for px, it in zip(pixels, items)], None
-        images = torch.stack([it.image for it in items]).to(dev).expand(-1, 3, -1, -1) * 2 - 1
-        z = self.codec.encode(images).float()
+            return [[VitImage(px), Text(it.prompt), Text(it.answer, loss=True)] for px, it in zip(pixels, items)], None, None
+        gray = torch.stack([it.image for it in items]).to(dev)
+        z = self.codec.encode(gray.expand(-1, 3, -1, -1) * 2 - 1).float()
         h, w = z.shape[-2:]
+        repa_targets = self.repa.targets(gray, h, w) if self.repa is not None else None
         x0 = patchify(z).cpu()  # (n, h*w, C)
         n = len(items)
         t = sample_t(n, self.cfg.timestep_shift, generator=g)
@@ -193,26 +205,29 @@ class Trainer:
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps)
         drop = torch.rand(n, generator=g) < self.cfg.data.caption_dropout
         samples = [([] if drop[i] else [Text(it.prompt)]) + [LatentImage(x_t[i], h, w, t=float(t[i]))] for i, it in enumerate(items)]
-        return samples, target.reshape(-1, target.shape[-1])
+        return samples, target.reshape(-1, target.shape[-1]), repa_targets
 
     def train_step(self) -> dict:
         cfg, mcfg, dev = self.cfg, self.model.cfg, self.d.device
         items = self.packer.next_batch()
-        samples, target = self._samples(items, self._generator(self.step))
+        samples, target, repa_targets = self._samples(items, self._generator(self.step))
         batch = pack(samples, mcfg.tokens, mcfg.vision.num_patches, mcfg.gen.max_latent_size).to(dev)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.bf16 and dev.type == "cuda" else contextlib.nullcontext()
         with autocast:
+            repa_sum = None
             if cfg.stage == "und":
                 out = self.model(batch, logits_at=batch.text_loss)
                 targets = batch.input_ids[:, 1:][batch.text_loss[:, :-1]]
                 loss_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
             else:
-                out = self.model(batch)
+                out = self.model(batch, hidden_at=self.repa.layer if self.repa else None)
                 targets = target.to(dev)
                 loss_sum = (out.velocity.float() - targets).pow(2).mean(dim=-1).sum()
+                repa_sum = self.repa.loss_sum(out.tapped[batch.is_gen], repa_targets) if self.repa else None
         n_global = parallel.all_sum(targets.shape[0], self.d)
+        total = loss_sum if repa_sum is None else loss_sum + self.repa.weight * repa_sum
         # Gradients are averaged over ranks, so scale by world: the result is sum / global count.
-        (loss_sum * self.d.world / n_global).backward()
+        (total * self.d.world / n_global).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.optim.grad_clip or float("inf"))
         lr = cfg.optim.lr * lr_factor(self.step, cfg.steps, cfg.optim)
         for group in self.optimizer.param_groups:
@@ -221,10 +236,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.trained)
+        if self.repa is not None:
+            self.repa.step(lr, self.d.world)
         self.step += 1
-        return {"step": self.step, "loss": parallel.all_sum(loss_sum.item(), self.d) / n_global,
-                "grad_norm": float(grad_norm), "lr": lr, "tokens": parallel.all_sum(batch.input_ids.numel(), self.d),
-                "samples": parallel.all_sum(len(items), self.d)}
+        metrics = {"step": self.step, "loss": parallel.all_sum(loss_sum.item(), self.d) / n_global,
+                   "grad_norm": float(grad_norm), "lr": lr, "tokens": parallel.all_sum(batch.input_ids.numel(), self.d),
+                   "samples": parallel.all_sum(len(items), self.d)}
+        if repa_sum is not None:
+            metrics["repa"] = parallel.all_sum(repa_sum.item(), self.d) / n_global
+        return metrics
 
     # --- loop and outputs -----------------------------------------------------------------
 
@@ -248,7 +268,8 @@ class Trainer:
         return history
 
     def _train_state(self) -> dict:
-        return {"data": self.packer.state_dict(), "ema": self.ema.state_dict() if self.ema else {}, "rng": torch.get_rng_state()}
+        return {"data": self.packer.state_dict(), "ema": self.ema.state_dict() if self.ema else {}, "rng": torch.get_rng_state(),
+                "repa": self.repa.state_dict() if self.repa else {}}
 
     def save(self) -> None:
         save_checkpoint(self.out, self.step, self.model, self.optimizer, self._train_state(), self.cfg.keep_last, self.d.main)
