@@ -58,5 +58,7 @@ def cmd_train_vision(args) -> int:
 
     stats = train_vision(VisionTrainSettings(args.shards, args.out, args.preset, tuple(args.override), args.steps,
                                              args.batch_size, args.lr, args.seed))
-    print(f"{args.out}: vision tower written (validation micro-F1 of the label probe: {stats['val_micro_f1']})")
+    f1 = stats["val_micro_f1"]
+    f1_text = "no val split" if f1 is None else f"{f1:.3f}"
+    print(f"{args.out}: vision tower written (validation micro-F1 of the label probe: {f1_text})")
     return 0

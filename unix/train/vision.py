@@ -108,7 +108,6 @@ def train_vision(s: VisionTrainSettings) -> dict:
     save_file({k: v.contiguous() for k, v in model.tower.state_dict().items()}, str(tmp))
     tmp.replace(out / VISION_FILE)
     (out / "vision.json").write_text(json.dumps(stats, indent=1))
-    log.info("vision tower: validation micro-F1 of the label probe %s", stats["val_micro_f1"])
     return stats
 
 
