@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the embedded demo model (weights/phantom-tiny) on CXR-Phantom, every stage, fixed seeds.
-# One command, CPU (about 50 minutes on 2 cores): bash scripts/train_phantom.sh [WORK_DIR]
+# One command, CPU (about 83 minutes on 2 cores; stage times in docs/BENCHMARKS.md): bash scripts/train_phantom.sh [WORK_DIR]
 # The result is copied to weights/phantom-tiny only when COPY=1 (the default), after every stage ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ N_IMAGES=${N_IMAGES:-10000}     # train/val/test 80/10/10 by index
 VAE_STEPS=${VAE_STEPS:-1500}
 VISION_STEPS=${VISION_STEPS:-8000}
 S1_STEPS=${S1_STEPS:-2500}
-S2_STEPS=${S2_STEPS:-2000}
+S2_STEPS=${S2_STEPS:-1000}
 COPY=${COPY:-1}
 mkdir -p "$WORK"
 
