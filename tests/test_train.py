@@ -193,3 +193,19 @@ def test_repa_aligns_and_resumes(data, vae_file, tmp_path):
         cfg_for("und", tmp_path / "x", data, "repa.encoder=phantom")
     with pytest.raises(UserError, match="repa.encoder"):
         Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}", "repa.encoder=clip"))
+
+
+def test_ema_warms_up_and_then_uses_its_decay():
+    from unix.train.optim import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], decay=0.999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update([("w", p)], 0)  # first update: decay 1/10, the average moves 90% of the way
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 0.9))
+    for k in range(1, 1000):
+        ema.update([("w", p)], k)
+    # without the warm-up 0.999 ** 1000 = 37% of the start (0) would remain
+    assert ema.shadow["w"].min() > 0.99
+    assert ema.decay_at(10_000_000) == 0.999

@@ -28,16 +28,25 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 class EMA:
-    """Exponential moving average of the trained parameters (kept in float32)."""
+    """Exponential moving average of the trained parameters (kept in float32).
+
+    The decay warms up as min(decay, (1 + k) / (10 + k)) after k earlier updates: a fixed 0.9999
+    would still hold 37% of the start weights after 10,000 steps (0.999 after 1,000), which on the
+    phantom stage 2 doubled the Frechet distance of the export.
+    """
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
         self.decay = decay
         self.shadow = {n: p.detach().float().clone() for n, p in named_params}
 
+    def decay_at(self, updates_before: int) -> float:
+        return min(self.decay, (1 + updates_before) / (10 + updates_before))
+
     @torch.no_grad()
-    def update(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
+    def update(self, named_params: list[tuple[str, torch.nn.Parameter]], updates_before: int) -> None:
+        weight = 1 - self.decay_at(updates_before)
         for n, p in named_params:
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[n].lerp_(p.detach().float(), weight)
 
     def state_dict(self) -> dict:
         """Full tensors (FSDP2 shadows are DTensor shards: gathered here, a collective)."""

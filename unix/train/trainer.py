@@ -235,7 +235,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.trained)
+            self.ema.update(self.trained, self.step)  # the step count is restored on resume
         if self.repa is not None:
             self.repa.step(lr, self.d.world)
         self.step += 1
