@@ -96,6 +96,17 @@ def test_gen_stage_freezes_und_bitwise(stage1, data, vae_file, tmp_path):
     assert (tmp_path / "g" / "final" / "vae" / "model.safetensors").is_file()
 
 
+def test_init_takes_only_the_new_vaes_latent_normalisation(stage1, data, vae_file, tmp_path):
+    init = stage1[0] / "final"
+    cfg = cfg_for("gen", tmp_path / "n", data, f"init={init}", f"vae={vae_file}", "steps=1",
+                  "model_overrides=[vae.scale=2.5,vae.shift=-0.125]")
+    run(cfg)
+    exported = json.loads((tmp_path / "n" / "final" / "config.json").read_text())["unix_model"]["vae"]
+    assert (exported["scale"], exported["shift"]) == (2.5, -0.125)
+    with pytest.raises(UserError, match="lm.num_layers"):
+        Trainer(cfg_for("gen", tmp_path / "m", data, f"init={init}", f"vae={vae_file}", "model_overrides=[lm.num_layers=3]"))
+
+
 def test_loss_falls_on_a_short_run(data, tmp_path):
     history = run(cfg_for("und", tmp_path / "f", data, "steps=30", "save_every=30", "optim.lr=3e-3"))
     first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3
@@ -149,6 +160,20 @@ def test_vae_stage0_writes_a_loadable_vae(data, tmp_path):
     codec = load_ldm_vae(out / "model.safetensors", load_model_config("tiny").vae)
     assert codec.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 4, 4)
     assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "70"]) == 2
+    assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "64", "--crop", "80"]) == 2
+
+
+def test_vae_trains_on_crops(monkeypatch, data, tmp_path):
+    """--crop feeds the autoencoder windows of the images; the latent statistics still see whole images."""
+    from diffusers import AutoencoderKL
+
+    seen = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: (seen.append(tuple(x.shape[-2:])), encode(self, x, *a, **k))[1])
+    out = tmp_path / "vae"
+    assert main(["train-vae", "--shards", str(data), "--out", str(out), "--steps", "2", "--image-size", "64",
+                 "--batch-size", "2", "--crop", "32"]) == 0
+    assert seen[:2] == [(32, 32), (32, 32)] and set(seen[2:]) == {(64, 64)}
 
 
 def test_vision_stage0_starts_stage1(data, tmp_path):

@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crop", type=int, default=0,
+                   help="train on random CROP x CROP windows of the images (multiple of 16; 0 = whole images); "
+                        "the latent statistics are always taken on whole images")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_train_vae)
@@ -48,7 +51,10 @@ def cmd_train_vae(args) -> int:
 
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 16")
-    stats = train_vae(VAETrainSettings(args.shards, args.out, args.preset, args.steps, args.batch_size, args.image_size, args.lr, seed=args.seed))
+    if args.crop % 16 or not 0 <= args.crop <= args.image_size:
+        raise UserError(f"--crop {args.crop} must be a multiple of 16 between 0 and --image-size ({args.image_size})")
+    stats = train_vae(VAETrainSettings(args.shards, args.out, args.preset, args.steps, args.batch_size, args.image_size, args.lr,
+                                       seed=args.seed, crop=args.crop))
     print(f"vae.scale={stats['scale']:.6f} vae.shift={stats['shift']:.6f} (final L1 {stats['l1']:.4f})")
     return 0
 

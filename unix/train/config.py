@@ -44,7 +44,7 @@ class RepaConfig:
 class TrainConfig:
     stage: Literal["und", "gen"]  # und: decoder und + SigLIP + connector; gen: gen branch only
     model: str = "tiny"  # model preset (configs/model/) or YAML path; ignored when `init` is a folder of ours
-    model_overrides: list[str] = field(default_factory=list)
+    model_overrides: list[str] = field(default_factory=list)  # with `init`: only vae.scale / vae.shift
     init: str = ""  # weights folder to start from (ours or released); "" = random init
     janus: str = ""  # stage 1 on real data: a Janus-Pro-1B folder to initialise from
     tokenizer: str = ""  # folder with tokenizer files; "" = the `init` folder

@@ -105,6 +105,7 @@ class Trainer:
         if self.cfg.init:
             model, _ = load_model(self.cfg.init)
             model.cfg.attn_backend = cfg.attn_backend
+            _set_latent_normalisation(model.cfg, self.cfg.model_overrides)
             stages = self._init_stages()
             if self.cfg.stage == "gen" and "gen" not in stages:
                 log.info("init has no trained generation branch: copying und -> gen")
@@ -290,6 +291,23 @@ class Trainer:
             name = VAE_FILES[0] if vae.endswith(".safetensors") else VAE_FILES[1]
             files[name] = Path(vae).read_bytes()
         return save_model(self.model, self.out / "final", files, state_dict=model_sd)
+
+
+# The one part of a model config that a stage may change on top of its `init` folder: the latent
+# normalisation belongs to the VAE this stage trains with (a new VAE brings new statistics).
+INIT_OVERRIDABLE = ("vae.scale", "vae.shift")
+
+
+def _set_latent_normalisation(cfg: ModelConfig, overrides: list[str]) -> None:
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() not in INIT_OVERRIDABLE:
+            raise UserError(f"model_overrides: {key.strip()!r} cannot change a model loaded from init "
+                            f"(only {', '.join(INIT_OVERRIDABLE)} can)")
+        try:
+            setattr(cfg.vae, key.strip().split(".")[1], float(value))
+        except ValueError:
+            raise UserError(f"model_overrides: {item!r} is not a number") from None
 
 
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:

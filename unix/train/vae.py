@@ -38,6 +38,7 @@ class VAETrainSettings:
     lr: float = 1e-3
     kl_weight: float = 1e-6
     seed: int = 0
+    crop: int = 0  # train on random crop x crop windows of the image_size images (0 = whole images)
 
 
 def train_vae(s: VAETrainSettings) -> dict:
@@ -51,13 +52,18 @@ def train_vae(s: VAETrainSettings) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, s.steps - warm))))
 
-    def batch() -> torch.Tensor:
+    crops = torch.Generator().manual_seed(s.seed)
+
+    def batch(crop: int = 0) -> torch.Tensor:
         imgs = [decode_gray(stream.next()["image"], s.image_size, fill=0.0) for _ in range(s.batch_size)]
+        if crop:  # a convolutional autoencoder learns the same local code from windows, at a fraction of the cost
+            at = torch.randint(0, s.image_size - crop + 1, (len(imgs), 2), generator=crops).tolist()
+            imgs = [im[:, y:y + crop, x:x + crop] for im, (y, x) in zip(imgs, at)]
         return torch.stack(imgs).expand(-1, 3, -1, -1) * 2 - 1
 
     bar = tqdm(range(s.steps), desc="train vae", unit="step")
     for _ in bar:
-        x = batch()
+        x = batch(s.crop)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         l1 = (rec - x).abs().mean()
