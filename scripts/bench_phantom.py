@@ -91,6 +91,25 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, weights_dir: st
     }
 
 
+@torch.no_grad()
+def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str) -> dict:
+    """The VAE's own ceiling: the test images through encode -> decode, read like generated ones."""
+    extractor = load_extractor(weights_dir)
+    size = pipe.cfg.gen.max_latent_size * 16
+    real = torch.stack([decode_gray(r["image"], size, 0.0) for r in rows])
+    recon = []
+    for i in range(0, len(rows), batch):
+        x = real[i:i + batch].expand(-1, 3, -1, -1) * 2 - 1
+        y = pipe.codec.decode(pipe.codec.encode(x)).float()
+        recon.append((y / 2 + 0.5).clamp(0, 1).mean(dim=1, keepdim=True))  # as Pipeline.images turns latents into pixels
+    recon = torch.cat(recon)
+    labels = true_labels(rows)
+    pred = (extractor.predict(recon).numpy() >= 0.5).astype(float)
+    return {"n": len(rows), "l1": float((recon - real).abs().mean()) * 2,  # in [-1, 1] units, as train-vae reports
+            "agreement_micro_f1": finding_agreement(pred, labels)["micro_f1"],
+            "fd_reconstructed_vs_real": frechet_distance(extractor(real).numpy(), extractor(recon).numpy())}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None, help="model folder (default: weights/phantom-tiny)")
@@ -99,7 +118,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
-    p.add_argument("--skip", choices=["reports", "images"], action="append", default=[])
+    p.add_argument("--skip", choices=["reports", "images", "vae"], action="append", default=[])
     p.add_argument("--out", help="write the numbers as JSON here")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -112,6 +131,9 @@ def main() -> int:
     if "images" not in args.skip:
         result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.weights_dir)
         print(json.dumps(result["images"], indent=1), flush=True)
+    if "vae" not in args.skip:
+        result["vae"] = bench_vae(pipe, rows, args.batch_size, args.weights_dir)
+        print(json.dumps(result["vae"], indent=1), flush=True)
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=1) + "\n")
     return 0

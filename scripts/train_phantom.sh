@@ -2,25 +2,26 @@
 # Train the embedded demo model (weights/phantom-tiny) on CXR-Phantom, every stage, fixed seeds.
 # One command, CPU (stage times in docs/BENCHMARKS.md): bash scripts/train_phantom.sh [WORK_DIR]
 #
-# On a small CPU two one-thread processes do about twice the work of one two-thread process (the
-# model's kernels are too small to keep two cores busy), so with NPROC=2 (the default) the script
-# runs two at a time: stage 0a (VAE) beside stage 0b + stage 1, which do not need the VAE, then
-# stage 2 under torchrun with 2 gloo processes. NPROC=1 runs every stage in one process, in order.
+# On a small CPU two independent one-thread processes do about 1.7x the work of one two-thread
+# process (the model's matrices are too small to keep two cores busy), so with PARALLEL=1 (the
+# default) stage 0a (VAE) runs beside stage 0b (vision tower), one thread each. Stages 1 and 2 run
+# as one process with every core: under torchrun on this CPU, FSDP2's many small gloo collectives
+# cost what the second process gains (docs/BENCHMARKS.md). PARALLEL=0 runs every stage in order.
 # The result is copied to weights/phantom-tiny only when COPY=1 (the default), after every stage ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs/phantom}
 UNIX=${UNIX:-.venv/bin/unix}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
 PRESET=${PRESET:-phantom}       # configs/model/phantom.yaml
 N_IMAGES=${N_IMAGES:-10000}     # train/val/test 80/10/10 by index
-VAE_STEPS=${VAE_STEPS:-1500}
+VAE_STEPS=${VAE_STEPS:-3000}   # batches of 8 windows
+VAE_CROP=${VAE_CROP:-128}        # the VAE trains on random windows of this size (0 = whole images)
 VISION_STEPS=${VISION_STEPS:-8000}
-S1_STEPS=${S1_STEPS:-2500}
-S2_STEPS=${S2_STEPS:-1000}      # steps of NPROC processes, each with its own token budget
-NPROC=${NPROC:-2}
+S1_STEPS=${S1_STEPS:-2000}
+S2_STEPS=${S2_STEPS:-900}
+PARALLEL=${PARALLEL:-1}
 COPY=${COPY:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+THREADS=${OMP_NUM_THREADS:-$(nproc)}
 mkdir -p "$WORK"
 
 # data: phantom images at 256 px, seed 0
@@ -29,41 +30,40 @@ mkdir -p "$WORK"
 # stage 0a: the phantom VAE (16 latent channels), and its latent normalisation (vae.json)
 train_vae() {
   [ -f "$WORK/vae/model.safetensors" ] || $UNIX train-vae --shards "$WORK/data" --out "$WORK/vae" --preset "$PRESET" \
-    --steps "$VAE_STEPS" --batch-size 8 --seed 0
+    --steps "$VAE_STEPS" --batch-size 8 --crop "$VAE_CROP" --seed 0
 }
-if [ "$NPROC" -ge 2 ]; then
+if [ "$PARALLEL" = 1 ]; then
   echo "stage 0a (VAE) runs in the background; its progress: $WORK/vae.log"
-  train_vae > "$WORK/vae.log" 2>&1 &
+  OMP_NUM_THREADS=1 train_vae > "$WORK/vae.log" 2>&1 &
   VAE_PID=$!
-  trap 'kill "$VAE_PID" 2>/dev/null || true' EXIT  # a failed stage 1 does not leave it running
+  trap 'kill "$VAE_PID" 2>/dev/null || true' EXIT  # a failed stage 0b does not leave it running
+  VISION_THREADS=1
 else
-  train_vae
+  OMP_NUM_THREADS=$THREADS train_vae
+  VISION_THREADS=$THREADS
 fi
 
 # stage 0b: the vision tower, pre-trained on the training labels (the phantom stand-in for SigLIP)
-[ -f "$WORK/vision/vision.safetensors" ] || $UNIX train-vision --shards "$WORK/data" --out "$WORK/vision" \
+[ -f "$WORK/vision/vision.safetensors" ] || OMP_NUM_THREADS=$VISION_THREADS $UNIX train-vision --shards "$WORK/data" --out "$WORK/vision" \
   --preset "$PRESET" --steps "$VISION_STEPS" --seed 0
 
-# stage 1: understanding (reports); the tokenizer is trained on the training reports
-$UNIX train configs/train/phantom_stage1.yaml data.shards="$WORK/data" out="$WORK/stage1" steps="$S1_STEPS" \
-  model="$PRESET" vision="$WORK/vision/vision.safetensors"
-
-if [ "$NPROC" -ge 2 ]; then
+if [ "$PARALLEL" = 1 ]; then
   wait "$VAE_PID" || { echo "stage 0a (VAE) failed: see $WORK/vae.log" >&2; exit 1; }
   tail -n 1 "$WORK/vae.log"
 fi
 SCALE=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['scale'])")
 SHIFT=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['shift'])")
 
+export OMP_NUM_THREADS=$THREADS
+
+# stage 1: understanding (reports); the tokenizer is trained on the training reports
+$UNIX train configs/train/phantom_stage1.yaml data.shards="$WORK/data" out="$WORK/stage1" steps="$S1_STEPS" \
+  model="$PRESET" vision="$WORK/vision/vision.safetensors"
+
 # stage 2: generation at 256 px from stage 1 (und copied to gen), understanding frozen; the
 # latent normalisation of the new VAE goes into the model config here
-S2_ARGS=(configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS"
-  init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]")
-if [ "$NPROC" -ge 2 ]; then
-  $TORCHRUN --standalone --nproc_per_node="$NPROC" -m unix.train "${S2_ARGS[@]}"
-else
-  $UNIX train "${S2_ARGS[@]}"
-fi
+$UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
+  init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]"
 
 if [ "$COPY" = 1 ]; then
   rm -rf weights/phantom-tiny.new && cp -r "$WORK/stage2/final" weights/phantom-tiny.new

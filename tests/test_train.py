@@ -234,3 +234,16 @@ def test_ema_warms_up_and_then_uses_its_decay():
     # without the warm-up 0.999 ** 1000 = 37% of the start (0) would remain
     assert ema.shadow["w"].min() > 0.99
     assert ema.decay_at(10_000_000) == 0.999
+
+
+def test_vision_stage_decodes_each_image_once(data):
+    from unix.data.shards import iter_rows
+    from unix.train.vision import DecodedImages
+
+    rows = list(iter_rows(str(data), "train"))[:3]
+    decode = DecodedImages(32, max_bytes=2 * 32 * 32)  # room for two images
+    first = [decode(r) for r in rows]
+    assert len(decode.images) == 2
+    again = [decode(r) for r in rows]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # cached or not: the same pixels
+    assert first[0].shape == (1, 32, 32) and 0.0 <= float(first[0].min()) and float(first[0].max()) <= 1.0

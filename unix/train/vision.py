@@ -60,9 +60,29 @@ def row_targets(row: dict) -> list[float]:
     return [1.0 if row.get(f) in (1, -1, 1.0, -1.0) else 0.0 for f in CHEXPERT_FINDINGS]
 
 
-def _batch(stream: RowStream, cfg: VisionConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+class DecodedImages:
+    """Decoded images by row id, kept as uint8 up to `max_bytes`: decoding a PNG costs about as
+    much as a training step of the small tower, and the stage sees every image many times."""
+
+    def __init__(self, size: int, max_bytes: int = 1 << 30):
+        self.size, self.room = size, max_bytes // (size * size)
+        self.images: dict[str, torch.Tensor] = {}
+
+    def __call__(self, row: dict) -> torch.Tensor:
+        key = row.get("id")
+        if key in self.images:
+            return self.images[key].float() / 255.0
+        image = decode_gray(row["image"], self.size, fill=1.0)  # white letterbox, as inference
+        if key is not None and len(self.images) < self.room:
+            self.images[key] = (image * 255.0).round().to(torch.uint8)
+            return self.images[key].float() / 255.0  # cached or not, a row gives the same pixels
+        return (image * 255.0).round() / 255.0
+
+
+def _batch(stream: RowStream, cfg: VisionConfig, n: int, decode: DecodedImages | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [stream.next() for _ in range(n)]
-    images = torch.stack([decode_gray(r["image"], cfg.image_size, fill=1.0) for r in rows])  # as inference
+    decode = decode or DecodedImages(cfg.image_size, max_bytes=0)
+    images = torch.stack([decode(r) for r in rows])
     return normalize_pixels(images, cfg), torch.tensor([row_targets(r) for r in rows])
 
 
@@ -90,9 +110,10 @@ def train_vision(s: VisionTrainSettings) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, s.steps - warm))))
     loss_fn = nn.BCEWithLogitsLoss()
+    decode = DecodedImages(cfg.image_size)
     bar = tqdm(range(s.steps), desc="train vision", unit="step")
     for _ in bar:
-        x, y = _batch(stream, cfg, s.batch_size)
+        x, y = _batch(stream, cfg, s.batch_size, decode)
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
