@@ -247,3 +247,30 @@ def test_vision_stage_decodes_each_image_once(data):
     again = [decode(r) for r in rows]
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # cached or not: the same pixels
     assert first[0].shape == (1, 32, 32) and 0.0 <= float(first[0].min()) and float(first[0].max()) <= 1.0
+
+
+def test_vision_probe_max_pooling_sees_a_single_patch(data, tmp_path):
+    from unix.config import load_model_config
+    from unix.eval.chexpert import CHEXPERT_FINDINGS
+    from unix.train.vision import Probe
+
+    cfg = load_model_config("tiny").vision
+    torch.manual_seed(0)
+    probe = Probe(cfg, "meanmax").eval()
+    assert probe.head.in_features == 2 * cfg.width
+    probe.tower.forward = lambda x: x  # feed patch features straight to the pooling
+    one = torch.zeros(1, cfg.num_patches, cfg.width)
+    one[0, 3] = 5.0  # one strong patch ...
+    spread = torch.full_like(one, 5.0 / cfg.num_patches)  # ... or the same mean spread over all
+    mean_probe = Probe(cfg, "mean").eval()
+    mean_probe.tower.forward = lambda x: x
+    with torch.no_grad():
+        assert not torch.allclose(probe(one), probe(spread))
+        assert torch.allclose(mean_probe(one), mean_probe(spread), atol=1e-6)  # the average alone cannot tell
+    with pytest.raises(UserError, match="pool"):
+        Probe(cfg, "max")
+    out = tmp_path / "v"
+    assert main(["train-vision", "--shards", str(data), "--out", str(out), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "4", "--pool", "meanmax"]) == 0
+    stats = json.loads((out / "vision.json").read_text())
+    assert stats["pool"] == "meanmax" and set(stats["val_f1"]) == set(CHEXPERT_FINDINGS)

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", choices=["mean", "meanmax"], default="mean",
+                   help="how the probe pools patch features: mean, or mean and max side by side (default mean)")
     p.set_defaults(handler=cmd_train_vision)
 
 
@@ -63,7 +65,7 @@ def cmd_train_vision(args) -> int:
     from unix.train.vision import VisionTrainSettings, train_vision
 
     stats = train_vision(VisionTrainSettings(args.shards, args.out, args.preset, tuple(args.override), args.steps,
-                                             args.batch_size, args.lr, args.seed))
+                                             args.batch_size, args.lr, args.seed, args.pool))
     f1 = stats["val_micro_f1"]
     f1_text = "no val split" if f1 is None else f"{f1:.3f}"
     print(f"{args.out}: vision tower written (validation micro-F1 of the label probe: {f1_text})")

@@ -44,16 +44,29 @@ class VisionTrainSettings:
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
+    pool: str = "mean"  # probe pooling (see Probe)
+
+
+POOLS = ("mean", "meanmax")
 
 
 class Probe(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """Tower + linear head on pooled patch features. "mean" pools by averaging; "meanmax" also
+    takes the per-channel maximum over patches, so a finding in one patch (a nodule, a device)
+    can decide a label on its own instead of having to move the average of all 64."""
+
+    def __init__(self, cfg: VisionConfig, pool: str = "mean"):
         super().__init__()
+        if pool not in POOLS:
+            raise UserError(f"vision probe: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool = pool
         self.tower = SiglipVisionTower(cfg)
-        self.head = nn.Linear(cfg.width, len(CHEXPERT_FINDINGS))
+        self.head = nn.Linear(cfg.width * (2 if pool == "meanmax" else 1), len(CHEXPERT_FINDINGS))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tower(pixels).mean(dim=1))
+        x = self.tower(pixels)
+        pooled = x.mean(dim=1) if self.pool == "mean" else torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=-1)
+        return self.head(pooled)
 
 
 def row_targets(row: dict) -> list[float]:
@@ -87,7 +100,9 @@ def _batch(stream: RowStream, cfg: VisionConfig, n: int, decode: DecodedImages |
 
 
 @torch.no_grad()
-def probe_micro_f1(model: Probe, shards: str, cfg: VisionConfig, split: str = "val", limit: int = 600) -> float | None:
+def probe_scores(model: Probe, shards: str, cfg: VisionConfig, split: str = "val", limit: int = 600) -> dict | None:
+    """Micro-F1 of the probe over the 14 labels, and F1 of each label (None where it has no positives
+    and no predictions)."""
     try:
         stream = RowStream(shards, split, 0)
     except UserError:
@@ -96,14 +111,19 @@ def probe_micro_f1(model: Probe, shards: str, cfg: VisionConfig, split: str = "v
     model.eval()
     x, y = _batch(stream, cfg, n)
     pred = torch.cat([model(x[i:i + 128]) for i in range(0, n, 128)]) > 0
-    tp, fp, fn = (pred & (y > 0)).sum(), (pred & (y == 0)).sum(), (~pred & (y > 0)).sum()
-    return float(tp / (tp + (fp + fn) / 2)) if tp + fp + fn else None
+    tp, fp, fn = (pred & (y > 0)).sum(0), (pred & (y == 0)).sum(0), (~pred & (y > 0)).sum(0)
+
+    def f1(tp, fp, fn):
+        return round(float(tp / (tp + (fp + fn) / 2)), 4) if tp + fp + fn else None
+
+    return {"micro_f1": f1(tp.sum(), fp.sum(), fn.sum()),
+            "f1": {name: f1(*c) for name, c in zip(CHEXPERT_FINDINGS, zip(tp, fp, fn))}}
 
 
 def train_vision(s: VisionTrainSettings) -> dict:
     cfg = load_model_config(s.preset, list(s.overrides)).vision
     torch.manual_seed(s.seed)
-    model = Probe(cfg).train()
+    model = Probe(cfg, s.pool).train()
     stream = RowStream(s.shards, "train", s.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.05)
     warm = max(1, s.steps // 20)
@@ -121,8 +141,9 @@ def train_vision(s: VisionTrainSettings) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    stats = {"loss": loss.item(), "val_micro_f1": probe_micro_f1(model, s.shards, cfg), "preset": s.preset,
-             "overrides": list(s.overrides)}
+    val = probe_scores(model, s.shards, cfg) or {}
+    stats = {"loss": loss.item(), "val_micro_f1": val.get("micro_f1"), "val_f1": val.get("f1"), "preset": s.preset,
+             "overrides": list(s.overrides), "pool": s.pool, "steps": s.steps}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (VISION_FILE + ".tmp")
