@@ -66,10 +66,10 @@ def bench_reports(pipe, rows: list[dict], batch: int) -> dict:
             "seconds": seconds, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
 
 
-def bench_images(pipe, rows: list[dict], batch: int, steps: int, weights_dir: str) -> dict:
+def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float, weights_dir: str) -> dict:
     extractor = load_extractor(weights_dir)
     real = torch.stack([decode_gray(r["image"], extractor.input_size, 0.0) for r in rows])
-    settings = ImageSettings(size=pipe.cfg.gen.max_latent_size * 16, steps=steps)
+    settings = ImageSettings(size=pipe.cfg.gen.max_latent_size * 16, steps=steps, guidance=guidance)
     t0, fake = time.perf_counter(), []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
@@ -83,7 +83,7 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, weights_dir: st
     f_real, f_fake = extractor(real).numpy(), extractor(fake).numpy()
     half = len(rows) // 2
     return {
-        "n": len(rows), "steps": steps, "seconds": seconds,
+        "n": len(rows), "steps": steps, "guidance": guidance, "seconds": seconds,
         "agreement_micro_f1": finding_agreement(fake_pred, labels)["micro_f1"],
         "classifier_on_real_micro_f1": finding_agreement(real_pred, labels)["micro_f1"],
         "fd_generated_vs_real": frechet_distance(f_real, f_fake),
@@ -116,6 +116,7 @@ def main() -> int:
     p.add_argument("--data", required=True, help="CXR-Phantom shard folder with a test split")
     p.add_argument("--n", type=int, default=600, help="test images (default: all 600 of a 6000-image set)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2, as unix generate)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
     p.add_argument("--skip", choices=["reports", "images", "vae"], action="append", default=[])
@@ -129,7 +130,7 @@ def main() -> int:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)
         print(json.dumps(result["reports"], indent=1), flush=True)
     if "images" not in args.skip:
-        result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.weights_dir)
+        result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.guidance, args.weights_dir)
         print(json.dumps(result["images"], indent=1), flush=True)
     if "vae" not in args.skip:
         result["vae"] = bench_vae(pipe, rows, args.batch_size, args.weights_dir)

@@ -17,6 +17,7 @@ N_IMAGES=${N_IMAGES:-10000}     # train/val/test 80/10/10 by index
 VAE_STEPS=${VAE_STEPS:-3000}   # batches of 8 windows
 VAE_CROP=${VAE_CROP:-128}        # the VAE trains on random windows of this size (0 = whole images)
 VISION_STEPS=${VISION_STEPS:-8000}
+VISION_POOL=${VISION_POOL:-meanmax}  # the label probe reads the mean and the max over patches
 S1_STEPS=${S1_STEPS:-2000}
 S2_STEPS=${S2_STEPS:-900}
 PARALLEL=${PARALLEL:-1}
@@ -45,7 +46,7 @@ fi
 
 # stage 0b: the vision tower, pre-trained on the training labels (the phantom stand-in for SigLIP)
 [ -f "$WORK/vision/vision.safetensors" ] || OMP_NUM_THREADS=$VISION_THREADS $UNIX train-vision --shards "$WORK/data" --out "$WORK/vision" \
-  --preset "$PRESET" --steps "$VISION_STEPS" --seed 0
+  --preset "$PRESET" --steps "$VISION_STEPS" --pool "$VISION_POOL" --seed 0
 
 if [ "$PARALLEL" = 1 ]; then
   wait "$VAE_PID" || { echo "stage 0a (VAE) failed: see $WORK/vae.log" >&2; exit 1; }
