@@ -161,6 +161,15 @@ def load_config(schema: type, files: list[str | Path] = (), overrides: list[str]
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except Exception as e:  # yaml syntax errors and the like
             raise ConfigError(f"{path}: cannot read YAML ({e})") from None
+    return _build(schema, merged, overrides)
+
+
+def override_config(cfg: Any, overrides: list[str]) -> Any:
+    """A new config of cfg's type: cfg with `a.b=value` overrides, checked as strictly as a load."""
+    return _build(type(cfg), OmegaConf.create(to_dict(cfg)), overrides)
+
+
+def _build(schema: type, merged, overrides: list[str]) -> Any:
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

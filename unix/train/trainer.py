@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unix.config import ModelConfig, load_model_config, to_dict
+from unix.config import ModelConfig, load_model_config, override_config, to_dict
 from unix.data.dataset import Item, Packer, RowStream, decode_gray
 from unix.errors import UserError
 from unix.flow import interpolate, sample_t, velocity_target
@@ -299,15 +299,13 @@ INIT_OVERRIDABLE = ("vae.scale", "vae.shift")
 
 
 def _set_latent_normalisation(cfg: ModelConfig, overrides: list[str]) -> None:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() not in INIT_OVERRIDABLE:
-            raise UserError(f"model_overrides: {key.strip()!r} cannot change a model loaded from init "
-                            f"(only {', '.join(INIT_OVERRIDABLE)} can)")
-        try:
-            setattr(cfg.vae, key.strip().split(".")[1], float(value))
-        except ValueError:
-            raise UserError(f"model_overrides: {item!r} is not a number") from None
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    refused = [k for k in keys if k not in INIT_OVERRIDABLE]
+    if refused:
+        raise UserError(f"model_overrides: {refused[0]!r} cannot change a model loaded from init "
+                        f"(only {', '.join(INIT_OVERRIDABLE)} can)")
+    if overrides:
+        cfg.vae = override_config(cfg, overrides).vae  # the modules keep their config objects
 
 
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
