@@ -274,3 +274,19 @@ def test_vision_probe_max_pooling_sees_a_single_patch(data, tmp_path):
                  "--batch-size", "4", "--pool", "meanmax"]) == 0
     stats = json.loads((out / "vision.json").read_text())
     assert stats["pool"] == "meanmax" and set(stats["val_f1"]) == set(CHEXPERT_FINDINGS)
+
+
+def test_gen_latent_cache_matches_fresh_encoding_and_fills_once(data, vae_file, tmp_path):
+    """96 training rows: 8 steps of ~10 samples pass the epoch; the second epoch reads the cache."""
+    extra = (f"vae={vae_file}", "steps=12", "save_every=12", "data.token_budget=800")
+    cached = Trainer(cfg_for("gen", tmp_path / "c", data, *extra))
+    encodes = []
+    encode = cached._encode
+    cached._encode = lambda gray: encodes.append(len(gray)) or encode(gray)
+    with_cache = cached.fit()
+    fresh = run(cfg_for("gen", tmp_path / "f", data, *extra, "data.latent_cache_gb=0"))
+    n_rows = sum(cached.stream.counts)
+    assert len(cached.latents.items) == n_rows and sum(encodes) == n_rows and set(encodes) == {1}
+    assert cached.stream.epoch >= 1  # the run passed its data, so later rows came from the cache
+    for a, b in zip(with_cache, fresh):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -34,6 +34,7 @@ class RowStream:
             raise UserError(f"data.shards: {sum(self.counts)} rows cannot feed {world} ranks")
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.index = 0, 0
+        self.key: tuple[int, int] | None = None  # (shard, row) of the row `next()` returned last
         self._order: list[tuple[int, int]] | None = None
         self._table = (None, None)  # (shard number, decoded rows)
 
@@ -53,6 +54,7 @@ class RowStream:
             self._order = self._epoch_order()
         s, r = self._order[self.index]
         self.index += 1
+        self.key = (s, r)
         if self._table[0] != s:
             self._table = (s, pq.read_table(self.paths[s]).to_pylist())
         return self._table[1][r]
@@ -77,8 +79,9 @@ class Item:
 
     prompt: list[int]  # instruction (und) or report (gen) segment ids
     answer: list[int]  # report segment ids (und); empty for gen
-    image: torch.Tensor  # (1, S, S) in [0, 1]
+    image: torch.Tensor | None  # (1, S, S) in [0, 1]; None when only the latent is needed
     n_tokens: int
+    latent: torch.Tensor | None = None  # generation: the image's normalised VAE latent (C, h, w)
 
 
 class Packer:

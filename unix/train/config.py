@@ -18,6 +18,10 @@ class DataConfig:
     image_size: int = 256  # VAE resolution of generation stages (multiple of 16)
     caption_dropout: float = 0.1  # generation: drop the prompt (= the unconditional branch)
     instruction: str = ""  # understanding: instruction text; "" = the paper's report instruction
+    # generation: keep each row's VAE latent after its first encoding, up to this many GiB per rank
+    # (rows are then encoded one at a time, so a latent never depends on its batch); 0 = encode
+    # every batch afresh
+    latent_cache_gb: float = 2.0
 
 
 @dataclass
@@ -69,6 +73,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data.image_size % 16:
             raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of 16")
+        if self.data.latent_cache_gb < 0:
+            raise ConfigError("data.latent_cache_gb must be >= 0")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError("data.caption_dropout must be in [0, 1)")
         if self.repa.encoder and self.stage != "gen":

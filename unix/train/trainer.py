@@ -39,6 +39,24 @@ log = logging.getLogger(__name__)
 STAGES_FILE = "train.json"  # which stages a weights folder of ours has been trained through
 
 
+class LatentCache:
+    """Row key -> VAE latent, filled as rows are first drawn, until `gb` GiB are held. The VAE is
+    frozen and encodes the posterior mean, so a cached latent is exactly a fresh encoding."""
+
+    def __init__(self, gb: float):
+        self.budget, self.used, self.items = int(gb * 2**30), 0, {}
+
+    def get(self, key) -> torch.Tensor | None:
+        return self.items.get(key)
+
+    def add(self, key, latent: torch.Tensor) -> torch.Tensor:
+        size = latent.numel() * latent.element_size()
+        if self.used + size <= self.budget:
+            self.items[key] = latent
+            self.used += size
+        return latent
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.d = cfg, parallel.setup()
@@ -48,6 +66,8 @@ class Trainer:
         self.model = self._build_model()
         self.tokenizer = self._tokenizer()
         self.codec = self._vae() if cfg.stage == "gen" else None
+        self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
+        self.repa = None  # built after sharding; _item checks it
         und = cfg.stage == "und"
         self.model.set_trainable(und=und, gen=not und, vision=und)
         self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -160,8 +180,19 @@ class Trainer:
             image = decode_gray(row["image"], mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
             return Item(prompt, report, image, mcfg.vision.num_patches + 2 + len(prompt) + len(report))
         side = cfg.data.image_size // mcfg.vae.downsample
+        n_tokens = len(report) + side * side + 2
+        latent = self.latents.get(self.stream.key) if self.latents is not None else None
+        if latent is not None and self.repa is None:  # REPA's encoder reads the pixels
+            return Item(report, [], None, n_tokens, latent)
         image = decode_gray(row["image"], cfg.data.image_size, fill=0.0)
-        return Item(report, [], image, len(report) + side * side + 2)
+        if latent is None and self.latents is not None:
+            latent = self.latents.add(self.stream.key, self._encode(image[None])[0])
+        return Item(report, [], image, n_tokens, latent)
+
+    def _encode(self, gray: torch.Tensor) -> torch.Tensor:
+        """(n, 1, S, S) in [0, 1] -> normalised VAE latents (n, C, h, w), float32 on CPU."""
+        with torch.no_grad():
+            return self.codec.encode(gray.to(self.d.device).expand(-1, 3, -1, -1) * 2 - 1).float().cpu()
 
     # --- resume ---------------------------------------------------------------------------
 
@@ -195,8 +226,9 @@ class Trainer:
         if self.cfg.stage == "und":
             pixels = normalize_pixels(torch.stack([it.image for it in items]), mcfg.vision)
             return [[VitImage(px), Text(it.prompt), Text(it.answer, loss=True)] for px, it in zip(pixels, items)], None, None
-        gray = torch.stack([it.image for it in items]).to(dev)
-        z = self.codec.encode(gray.expand(-1, 3, -1, -1) * 2 - 1).float()
+        # With the cache every item has its latent, and pixels only when REPA reads them.
+        gray = torch.stack([it.image for it in items]).to(dev) if self.latents is None or self.repa is not None else None
+        z = torch.stack([it.latent for it in items]) if self.latents is not None else self._encode(gray)
         h, w = z.shape[-2:]
         repa_targets = self.repa.targets(gray, h, w) if self.repa is not None else None
         x0 = patchify(z).cpu()  # (n, h*w, C)
