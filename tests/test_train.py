@@ -128,7 +128,8 @@ def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
 
 
 def test_torchrun_two_processes(data, vae_file, tmp_path):
-    """Both stages under torchrun with 2 gloo processes (FSDP2), then a resume."""
+    """Both stages under torchrun with 2 gloo processes (FSDP2), then a resume; stage 1 also with
+    replicated models (`parallel=replicate`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     weights = Path(__file__).resolve().parents[1] / "weights"
     repa = ["repa.encoder=phantom", "repa.layer=0", f"repa.weights_dir={weights}"]  # head grads all-reduced
@@ -147,6 +148,14 @@ def test_torchrun_two_processes(data, vae_file, tmp_path):
             assert res.returncode == 0, res.stderr[-3000:]
             steps = [json.loads(x)["step"] for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
             assert steps == [1, 2, 3, 4]
+            # replicas with one gradient all-reduce a step, stopped at 3 and resumed: the FSDP run's losses
+            rep = [a.replace(f"out={tmp_path / stage}", f"out={tmp_path / 'rep'}") for a in args] + ["parallel=replicate"]
+            for steps_arg in ("steps=3", "steps=4"):
+                res = subprocess.run(cmd + rep + [steps_arg], capture_output=True, text=True, env=env, timeout=600)
+                assert res.returncode == 0, res.stderr[-3000:]
+            losses = {name: [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                      for name in (stage, "rep")}
+            assert len(losses["rep"]) == 4 and losses["rep"] == pytest.approx(losses[stage], rel=1e-4)
 
 
 def test_vae_stage0_writes_a_loadable_vae(data, tmp_path):

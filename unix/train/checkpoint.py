@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from unix.train.parallel import is_sharded
 from unix.weights.folder import save_model
 from unix.weights.released import load_released_state_dict
 
@@ -26,7 +27,7 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """Full (unsharded, CPU) model and optimizer state dicts; under FSDP2 gathered on every rank."""
-    if dist.is_initialized():
+    if dist.is_initialized() and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -35,7 +36,7 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -63,6 +63,9 @@ class TrainConfig:
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # under torchrun: fsdp = FSDP2 per layer (large models, GPUs); replicate = a full model per rank
+    # and one gradient all-reduce a step (small models on CPU cores: docs/BENCHMARKS.md)
+    parallel: Literal["fsdp", "replicate"] = "fsdp"
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     log_every: int = 10
     save_every: int = 500  # checkpoint every N steps (and at the end)

@@ -1,5 +1,8 @@
-"""Distributed set-up: one function starts torch.distributed from torchrun's environment, one
-shards the model with FSDP2. A single process needs neither and runs the same code."""
+"""Distributed set-up: one function starts torch.distributed from torchrun's environment; then
+either FSDP2 shards the model (`parallel: fsdp`, the default), or every rank keeps a full replica
+and the gradients are averaged in one all-reduce a step (`parallel: replicate`, for small models
+on CPUs, where FSDP2's per-layer collectives cost more than they save). A single process needs
+none of it and runs the same code."""
 
 from __future__ import annotations
 
@@ -65,3 +68,33 @@ def shard_model(model, d: Dist, bf16: bool) -> None:
     for block in list(model.decoder.layers) + list(model.vision.blocks):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def replicate_model(model, d: Dist) -> None:
+    """Every rank starts from rank 0's weights and buffers (they are equal already when all ranks
+    seed and load alike; this makes it certain)."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+
+
+def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Mean of each gradient over ranks, in one all-reduce of a flat buffer. A parameter that got
+    no gradient on this rank counts as zero, so every rank reduces the same layout."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= d.world
+    for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(mean)

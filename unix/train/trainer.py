@@ -77,7 +77,10 @@ class Trainer:
         self.model.to(self.d.device)
         self.model.decoder.checkpointing = cfg.activation_checkpointing
         if self.d.world > 1:
-            parallel.shard_model(self.model, self.d, bf16=self.bf16)
+            if cfg.parallel == "fsdp":
+                parallel.shard_model(self.model, self.d, bf16=self.bf16)
+            else:
+                parallel.replicate_model(self.model, self.d)
             self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer([p for _, p in self.trained], cfg.optim)
         self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -261,6 +264,8 @@ class Trainer:
         total = loss_sum if repa_sum is None else loss_sum + self.repa.weight * repa_sum
         # Gradients are averaged over ranks, so scale by world: the result is sum / global count.
         (total * self.d.world / n_global).backward()
+        if self.d.world > 1 and cfg.parallel == "replicate":
+            parallel.average_gradients([p for _, p in self.trained], self.d)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.optim.grad_clip or float("inf"))
         lr = cfg.optim.lr * lr_factor(self.step, cfg.steps, cfg.optim)
         for group in self.optimizer.param_groups:
