@@ -4,9 +4,10 @@
 #
 # On a small CPU two independent one-thread processes do about 1.7x the work of one two-thread
 # process (the model's matrices are too small to keep two cores busy), so with PARALLEL=1 (the
-# default) stage 0a (VAE) runs beside stage 0b (vision tower), one thread each. Stages 1 and 2 run
-# as one process with every core: under torchrun on this CPU, FSDP2's many small gloo collectives
-# cost what the second process gains (docs/BENCHMARKS.md). PARALLEL=0 runs every stage in order.
+# default) the work runs in two one-thread lanes: stage 0a (VAE) in the background, and stage 0b
+# (vision tower) then stage 1 (reports) in the foreground; stage 2 needs both and runs last as one
+# process with every core. Under torchrun on this CPU, FSDP2's many small gloo collectives cost
+# what the second process gains (docs/BENCHMARKS.md). PARALLEL=0 runs every stage in order.
 # The result is copied to weights/phantom-tiny only when COPY=1 (the default), after every stage ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +15,12 @@ WORK=${1:-runs/phantom}
 UNIX=${UNIX:-.venv/bin/unix}
 PRESET=${PRESET:-phantom}       # configs/model/phantom.yaml
 N_IMAGES=${N_IMAGES:-10000}     # train/val/test 80/10/10 by index
-VAE_STEPS=${VAE_STEPS:-3000}   # batches of 8 windows
-VAE_CROP=${VAE_CROP:-128}        # the VAE trains on random windows of this size (0 = whole images)
+VAE_STEPS=${VAE_STEPS:-2000}   # batches of 8 images
+VAE_CROP=${VAE_CROP:-0}          # >0: train on random windows of this size (cheaper, reconstructs worse)
 VISION_STEPS=${VISION_STEPS:-8000}
 VISION_POOL=${VISION_POOL:-meanmax}  # the label probe reads the mean and the max over patches
-S1_STEPS=${S1_STEPS:-2000}
-S2_STEPS=${S2_STEPS:-900}
+S1_STEPS=${S1_STEPS:-2400}
+S2_STEPS=${S2_STEPS:-2400}
 PARALLEL=${PARALLEL:-1}
 COPY=${COPY:-1}
 THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -37,16 +38,20 @@ if [ "$PARALLEL" = 1 ]; then
   echo "stage 0a (VAE) runs in the background; its progress: $WORK/vae.log"
   OMP_NUM_THREADS=1 train_vae > "$WORK/vae.log" 2>&1 &
   VAE_PID=$!
-  trap 'kill "$VAE_PID" 2>/dev/null || true' EXIT  # a failed stage 0b does not leave it running
-  VISION_THREADS=1
+  trap 'kill "$VAE_PID" 2>/dev/null || true' EXIT  # a failed stage 0b or 1 does not leave it running
+  LANE_THREADS=1
 else
   OMP_NUM_THREADS=$THREADS train_vae
-  VISION_THREADS=$THREADS
+  LANE_THREADS=$THREADS
 fi
 
 # stage 0b: the vision tower, pre-trained on the training labels (the phantom stand-in for SigLIP)
-[ -f "$WORK/vision/vision.safetensors" ] || OMP_NUM_THREADS=$VISION_THREADS $UNIX train-vision --shards "$WORK/data" --out "$WORK/vision" \
+[ -f "$WORK/vision/vision.safetensors" ] || OMP_NUM_THREADS=$LANE_THREADS $UNIX train-vision --shards "$WORK/data" --out "$WORK/vision" \
   --preset "$PRESET" --steps "$VISION_STEPS" --pool "$VISION_POOL" --seed 0
+
+# stage 1: understanding (reports); the tokenizer is trained on the training reports
+OMP_NUM_THREADS=$LANE_THREADS $UNIX train configs/train/phantom_stage1.yaml data.shards="$WORK/data" out="$WORK/stage1" \
+  steps="$S1_STEPS" model="$PRESET" vision="$WORK/vision/vision.safetensors"
 
 if [ "$PARALLEL" = 1 ]; then
   wait "$VAE_PID" || { echo "stage 0a (VAE) failed: see $WORK/vae.log" >&2; exit 1; }
@@ -55,15 +60,9 @@ fi
 SCALE=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['scale'])")
 SHIFT=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['shift'])")
 
-export OMP_NUM_THREADS=$THREADS
-
-# stage 1: understanding (reports); the tokenizer is trained on the training reports
-$UNIX train configs/train/phantom_stage1.yaml data.shards="$WORK/data" out="$WORK/stage1" steps="$S1_STEPS" \
-  model="$PRESET" vision="$WORK/vision/vision.safetensors"
-
 # stage 2: generation at 256 px from stage 1 (und copied to gen), understanding frozen; the
 # latent normalisation of the new VAE goes into the model config here
-$UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
+OMP_NUM_THREADS=$THREADS $UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
   init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]"
 
 if [ "$COPY" = 1 ]; then

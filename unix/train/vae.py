@@ -44,7 +44,8 @@ class VAETrainSettings:
 def train_vae(s: VAETrainSettings) -> dict:
     cfg: VAEConfig = load_model_config(s.preset).vae
     torch.manual_seed(s.seed)
-    vae = build_vae(cfg)
+    # channels-last: oneDNN's convolutions (and their backward) run ~1.3x faster on CPU this way
+    vae = build_vae(cfg).to(memory_format=torch.channels_last)
     vae.requires_grad_(True).train()
     stream = RowStream(s.shards, "train", s.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.lr, weight_decay=0.0)
@@ -59,7 +60,7 @@ def train_vae(s: VAETrainSettings) -> dict:
         if crop:  # a convolutional autoencoder learns the same local code from windows, at a fraction of the cost
             at = torch.randint(0, s.image_size - crop + 1, (len(imgs), 2), generator=crops).tolist()
             imgs = [im[:, y:y + crop, x:x + crop] for im, (y, x) in zip(imgs, at)]
-        return torch.stack(imgs).expand(-1, 3, -1, -1) * 2 - 1
+        return (torch.stack(imgs).expand(-1, 3, -1, -1) * 2 - 1).contiguous(memory_format=torch.channels_last)
 
     bar = tqdm(range(s.steps), desc="train vae", unit="step")
     for _ in bar:
@@ -74,7 +75,7 @@ def train_vae(s: VAETrainSettings) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(l1=f"{l1.item():.4f}")
-    vae.eval().requires_grad_(False)
+    vae = vae.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(batch()).latent_dist.mean for _ in range(8)])
     stats = {"shift": float(z.mean()), "scale": float(1.0 / z.std()), "l1": l1.item()}
