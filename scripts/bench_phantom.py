@@ -4,8 +4,9 @@ Reports: the model writes a report for every test image; the rule labeller reads
 the 14 observations (uncertain as negative) against the image's true labels.
 Images: the model draws one image per test report; the phantom classifier labels it; micro-F1
 against the labels of the report (finding agreement), next to the classifier's micro-F1 on the real
-test images (the ceiling); Frechet distance in the classifier's feature space against the real test
-images, next to the distance between two halves of the real test set.
+test images (the ceiling) and the same images against the labels of shuffled reports (the floor);
+Frechet distance in the classifier's feature space against the real test images, next to the
+distance between two halves of the real test set.
 
     .venv/bin/python scripts/bench_phantom.py --weights weights/phantom-tiny --data runs/phantom/data
 """
@@ -85,6 +86,9 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float
     return {
         "n": len(rows), "steps": steps, "guidance": guidance, "seconds": seconds,
         "agreement_micro_f1": finding_agreement(fake_pred, labels)["micro_f1"],
+        # the floor: the same images scored against the labels of other reports (a fixed shuffle);
+        # a model that ignores its prompt scores about this
+        "agreement_shuffled_micro_f1": finding_agreement(fake_pred, labels[np.random.default_rng(0).permutation(len(rows))])["micro_f1"],
         "classifier_on_real_micro_f1": finding_agreement(real_pred, labels)["micro_f1"],
         "fd_generated_vs_real": frechet_distance(f_real, f_fake),
         "fd_real_half_vs_half": frechet_distance(f_real[:half], f_real[half:2 * half]),
