@@ -103,8 +103,7 @@ def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str) -> dict:
     real = torch.stack([decode_gray(r["image"], size, 0.0) for r in rows])
     recon = []
     for i in range(0, len(rows), batch):
-        x = real[i:i + batch].expand(-1, 3, -1, -1) * 2 - 1
-        y = pipe.codec.decode(pipe.codec.encode(x)).float()
+        y = pipe.codec.decode(pipe.codec.encode_gray(real[i:i + batch])).float()
         recon.append((y / 2 + 0.5).clamp(0, 1).mean(dim=1, keepdim=True))  # as Pipeline.images turns latents into pixels
     recon = torch.cat(recon)
     labels = true_labels(rows)

@@ -13,8 +13,8 @@ import json
 
 import torch
 
+from bench_phantom import test_rows  # scripts/, beside this file
 from unix.data.dataset import decode_gray
-from unix.data.shards import iter_rows
 from unix.flow import interpolate, sample_t, velocity_target
 from unix.infer import load_pipeline
 from unix.models.sequence import LatentImage, Text, pack
@@ -33,16 +33,12 @@ def main() -> int:
     args = p.parse_args()
     pipe = load_pipeline(args.weights, device="cpu")
     model, codec, tok = pipe.model, pipe.codec, pipe.tokenizer
-    rows = []
-    for row in iter_rows(args.data, "test"):
-        rows.append(row)
-        if len(rows) == args.n:
-            break
+    rows = test_rows(args.data, args.n)
     sums = {"own": 0.0, "shuffled": 0.0, "none": 0.0}
     for i in range(0, len(rows), args.batch_size):
         chunk = rows[i:i + args.batch_size]
         gray = torch.stack([decode_gray(r["image"], args.image_size, fill=0.0) for r in chunk])
-        z = codec.encode(gray.expand(-1, 3, -1, -1) * 2 - 1).float()
+        z = codec.encode_gray(gray).float()
         h, w = z.shape[-2:]
         x0 = patchify(z)
         # each row's timestep and noise come from its own generator: the numbers do not depend on batching

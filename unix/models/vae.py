@@ -107,6 +107,10 @@ class LatentCodec(nn.Module):
         z = posterior.sample(generator=generator) if sample else posterior.mean
         return self.normalize(z)
 
+    def encode_gray(self, gray: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) grey radiographs in [0, 1] -> z' (the VAE reads RGB copies in [-1, 1])."""
+        return self.encode(gray.expand(-1, 3, -1, -1) * 2 - 1)
+
     @torch.no_grad()
     def decode(self, z_norm: torch.Tensor) -> torch.Tensor:
         """z' (B, C, h, w) -> images (B, 3, 16h, 16w), approximately in [-1, 1] (not clamped)."""

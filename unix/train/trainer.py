@@ -67,7 +67,6 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.codec = self._vae() if cfg.stage == "gen" else None
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
-        self.repa = None  # built after sharding; _item checks it
         und = cfg.stage == "und"
         self.model.set_trainable(und=und, gen=not und, vision=und)
         self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -185,7 +184,7 @@ class Trainer:
         side = cfg.data.image_size // mcfg.vae.downsample
         n_tokens = len(report) + side * side + 2
         latent = self.latents.get(self.stream.key) if self.latents is not None else None
-        if latent is not None and self.repa is None:  # REPA's encoder reads the pixels
+        if latent is not None and not cfg.repa.encoder:  # REPA's encoder reads the pixels
             return Item(report, [], None, n_tokens, latent)
         image = decode_gray(row["image"], cfg.data.image_size, fill=0.0)
         if latent is None and self.latents is not None:
@@ -194,8 +193,7 @@ class Trainer:
 
     def _encode(self, gray: torch.Tensor) -> torch.Tensor:
         """(n, 1, S, S) in [0, 1] -> normalised VAE latents (n, C, h, w), float32 on CPU."""
-        with torch.no_grad():
-            return self.codec.encode(gray.to(self.d.device).expand(-1, 3, -1, -1) * 2 - 1).float().cpu()
+        return self.codec.encode_gray(gray.to(self.d.device)).float().cpu()
 
     # --- resume ---------------------------------------------------------------------------
 
@@ -230,7 +228,7 @@ class Trainer:
             pixels = normalize_pixels(torch.stack([it.image for it in items]), mcfg.vision)
             return [[VitImage(px), Text(it.prompt), Text(it.answer, loss=True)] for px, it in zip(pixels, items)], None, None
         # With the cache every item has its latent, and pixels only when REPA reads them.
-        gray = torch.stack([it.image for it in items]).to(dev) if self.latents is None or self.repa is not None else None
+        gray = torch.stack([it.image for it in items]).to(dev) if self.latents is None or self.cfg.repa.encoder else None
         z = torch.stack([it.latent for it in items]) if self.latents is not None else self._encode(gray)
         h, w = z.shape[-2:]
         repa_targets = self.repa.targets(gray, h, w) if self.repa is not None else None
