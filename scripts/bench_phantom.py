@@ -67,10 +67,10 @@ def bench_reports(pipe, rows: list[dict], batch: int) -> dict:
             "seconds": seconds, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
 
 
-def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float, weights_dir: str) -> dict:
+def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float, weights_dir: str, size: int) -> dict:
     extractor = load_extractor(weights_dir)
     real = torch.stack([decode_gray(r["image"], extractor.input_size, 0.0) for r in rows])
-    settings = ImageSettings(size=pipe.cfg.gen.max_latent_size * 16, steps=steps, guidance=guidance)
+    settings = ImageSettings(size=size, steps=steps, guidance=guidance)
     t0, fake = time.perf_counter(), []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
@@ -84,7 +84,7 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float
     f_real, f_fake = extractor(real).numpy(), extractor(fake).numpy()
     half = len(rows) // 2
     return {
-        "n": len(rows), "steps": steps, "guidance": guidance, "seconds": seconds,
+        "n": len(rows), "size": size, "steps": steps, "guidance": guidance, "seconds": seconds,
         "agreement_micro_f1": finding_agreement(fake_pred, labels)["micro_f1"],
         # the floor: the same images scored against the labels of other reports (a fixed shuffle);
         # a model that ignores its prompt scores about this
@@ -96,10 +96,9 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float
 
 
 @torch.no_grad()
-def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str) -> dict:
-    """The VAE's own ceiling: the test images through encode -> decode, read like generated ones."""
+def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str, size: int) -> dict:
+    """The VAE's own ceiling: the test images at `size` through encode -> decode, read like generated ones."""
     extractor = load_extractor(weights_dir)
-    size = pipe.cfg.gen.max_latent_size * 16
     real = torch.stack([decode_gray(r["image"], size, 0.0) for r in rows])
     recon = []
     for i in range(0, len(rows), batch):
@@ -108,7 +107,7 @@ def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str) -> dict:
     recon = torch.cat(recon)
     labels = true_labels(rows)
     pred = (extractor.predict(recon).numpy() >= 0.5).astype(float)
-    return {"n": len(rows), "l1": float((recon - real).abs().mean()) * 2,  # in [-1, 1] units, as train-vae reports
+    return {"n": len(rows), "size": size, "l1": float((recon - real).abs().mean()) * 2,  # in [-1, 1] units, as train-vae reports
             "agreement_micro_f1": finding_agreement(pred, labels)["micro_f1"],
             "fd_reconstructed_vs_real": frechet_distance(extractor(real).numpy(), extractor(recon).numpy())}
 
@@ -121,6 +120,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2, as unix generate)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, help="generated and reconstructed image side in px (default: the model's largest)")
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
     p.add_argument("--skip", choices=["reports", "images", "vae"], action="append", default=[])
     p.add_argument("--out", help="write the numbers as JSON here")
@@ -128,15 +128,16 @@ def main() -> int:
     torch.manual_seed(0)
     pipe = load_pipeline(args.weights, device="cpu")
     rows = test_rows(args.data, args.n)
+    size = args.size or pipe.cfg.gen.max_latent_size * pipe.cfg.vae.downsample
     result = {"weights": str(pipe.folder), "data": args.data}
     if "reports" not in args.skip:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)
         print(json.dumps(result["reports"], indent=1), flush=True)
     if "images" not in args.skip:
-        result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.guidance, args.weights_dir)
+        result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.guidance, args.weights_dir, size)
         print(json.dumps(result["images"], indent=1), flush=True)
     if "vae" not in args.skip:
-        result["vae"] = bench_vae(pipe, rows, args.batch_size, args.weights_dir)
+        result["vae"] = bench_vae(pipe, rows, args.batch_size, args.weights_dir, size)
         print(json.dumps(result["vae"], indent=1), flush=True)
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=1) + "\n")

@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the probed t (3 = the sampler's; default 1, as training)")
     args = p.parse_args()
     pipe = load_pipeline(args.weights, device="cpu")
     model, codec, tok = pipe.model, pipe.codec, pipe.tokenizer
@@ -43,7 +44,7 @@ def main() -> int:
         x0 = patchify(z)
         # each row's timestep and noise come from its own generator: the numbers do not depend on batching
         gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i + k) for k in range(len(chunk))]
-        t = torch.cat([sample_t(1, 1.0, generator=gk) for gk in gens])
+        t = torch.cat([sample_t(1, args.shift, generator=gk) for gk in gens])
         eps = torch.stack([torch.randn(x0.shape[1:], generator=gk) for gk in gens])
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps)
         prompts = [tok.segment(r["report"]) for r in chunk]
@@ -58,7 +59,7 @@ def main() -> int:
     n_tokens = len(rows) * h * w
     result = {k: v / n_tokens for k, v in sums.items()}
     result["gap_shuffled_minus_own"] = result["shuffled"] - result["own"]
-    print(json.dumps({"weights": args.weights, "n": len(rows), **result}, indent=1))
+    print(json.dumps({"weights": args.weights, "n": len(rows), "shift": args.shift, **result}, indent=1))
     return 0
 
 

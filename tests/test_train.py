@@ -299,3 +299,12 @@ def test_gen_latent_cache_matches_fresh_encoding_and_fills_once(data, vae_file, 
     assert cached.stream.epoch >= 1  # the run passed its data, so later rows came from the cache
     for a, b in zip(with_cache, fresh):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_gen_init_key_gain_scales_only_the_copied_gen_key_norms(stage1, data, vae_file, tmp_path):
+    init = stage1[0] / "final"
+    model = Trainer(cfg_for("gen", tmp_path / "k", data, f"init={init}", f"vae={vae_file}", "gen_init_key_gain=0.25")).model
+    for layer in model.decoder.layers:
+        assert torch.allclose(layer.gen.k_norm.weight, 0.25 * layer.und.k_norm.weight)
+        assert torch.equal(layer.gen.q_norm.weight, layer.und.q_norm.weight)
+        assert torch.equal(layer.gen.k_proj.weight, layer.und.k_proj.weight)
