@@ -131,11 +131,7 @@ class Trainer:
             stages = self._init_stages()
             if self.cfg.stage == "gen" and "gen" not in stages:
                 log.info("init has no trained generation branch: copying und -> gen")
-                model.init_gen_from_und()
-                if self.cfg.gen_init_key_gain != 1.0:
-                    with torch.no_grad():
-                        for layer in model.decoder.layers:
-                            layer.gen.k_norm.weight.mul_(self.cfg.gen_init_key_gain)
+                model.init_gen_from_und(key_gain=self.cfg.gen_init_key_gain)
             return model.train()
         model = UniX(cfg)
         if self.cfg.janus:
