@@ -62,9 +62,12 @@ def bench_reports(pipe, rows: list[dict], batch: int) -> dict:
             preds += pipe.reports([str(p) for p in paths[i:i + batch]], ReportSettings(max_new_tokens=160))
     seconds = time.perf_counter() - t0
     pred = np.array(RuleLabeler()(preds), dtype=np.float64)
-    scores = clinical_f1(positive(pred), positive(true_labels(rows)))
+    pred_pos, true_pos = positive(pred), positive(true_labels(rows))
+    scores = clinical_f1(pred_pos, true_pos)
+    per_finding = {f: {"f1": scores["f1_" + f], "true": int(true_pos[:, j].sum()), "written": int(pred_pos[:, j].sum())}
+                   for j, f in enumerate(CHEXPERT_FINDINGS)}
     return {"n": len(rows), "micro_f1": scores["micro_f1_14"], "macro_f1": scores["macro_f1_14"], "micro_f1_5": scores["micro_f1_5"],
-            "seconds": seconds, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
+            "seconds": seconds, "per_finding": per_finding, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
 
 
 def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float, weights_dir: str, size: int) -> dict:
@@ -83,15 +86,17 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float
     fake_pred = (extractor.predict(fake).numpy() >= 0.5).astype(float)
     f_real, f_fake = extractor(real).numpy(), extractor(fake).numpy()
     half = len(rows) // 2
+    agreement = finding_agreement(fake_pred, labels)
     return {
         "n": len(rows), "size": size, "steps": steps, "guidance": guidance, "seconds": seconds,
-        "agreement_micro_f1": finding_agreement(fake_pred, labels)["micro_f1"],
+        "agreement_micro_f1": agreement["micro_f1"],
         # the floor: the same images scored against the labels of other reports (a fixed shuffle);
         # a model that ignores its prompt scores about this
         "agreement_shuffled_micro_f1": finding_agreement(fake_pred, labels[np.random.default_rng(0).permutation(len(rows))])["micro_f1"],
         "classifier_on_real_micro_f1": finding_agreement(real_pred, labels)["micro_f1"],
         "fd_generated_vs_real": frechet_distance(f_real, f_fake),
         "fd_real_half_vs_half": frechet_distance(f_real[:half], f_real[half:2 * half]),
+        "agreement_per_finding": {f: v["f1"] for f, v in agreement["per_finding"].items()},
     }
 
 

@@ -308,3 +308,25 @@ def test_gen_init_key_gain_scales_only_the_copied_gen_key_norms(stage1, data, va
         assert torch.allclose(layer.gen.k_norm.weight, 0.25 * layer.und.k_norm.weight)
         assert torch.equal(layer.gen.q_norm.weight, layer.und.q_norm.weight)
         assert torch.equal(layer.gen.k_proj.weight, layer.und.k_proj.weight)
+
+
+def test_vision_lr_scale_slows_or_freezes_only_the_tower(data, tmp_path):
+    from unix.config import ConfigError
+
+    def moved(trainer):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.fit()
+        after = dict(trainer.model.named_parameters())
+        return {n: float((after[n].detach() - before[n]).abs().max()) for n in before}
+
+    full = moved(Trainer(cfg_for("und", tmp_path / "a", data, "steps=2", "optim.vision_lr_scale=1")))
+    slow = moved(Trainer(cfg_for("und", tmp_path / "b", data, "steps=2", "optim.vision_lr_scale=0.01")))
+    tower = [n for n in full if n.startswith("vision.")]
+    assert tower and all(slow[n] < 0.1 * full[n] for n in tower if full[n] > 0)
+    assert slow["connector.fc1.weight"] == pytest.approx(full["connector.fc1.weight"], rel=0.05)
+    frozen = Trainer(cfg_for("und", tmp_path / "c", data, "steps=2", "optim.vision_lr_scale=0"))
+    opt_params = {id(p) for g in frozen.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in opt_params for p in frozen.model.vision.parameters())
+    assert all(moved(frozen)[n] == 0 for n in tower)
+    with pytest.raises(ConfigError, match="vision_lr_scale"):
+        cfg_for("und", tmp_path / "d", data, "optim.vision_lr_scale=-1")

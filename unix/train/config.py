@@ -34,6 +34,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     ema_decay: float = 0.0  # EMA of the trained branch (0 = off)
+    # understanding stages: the vision tower's lr as a fraction of lr (a pre-trained tower keeps
+    # its features); 0 freezes the tower (the connector still trains)
+    vision_lr_scale: float = 1.0
 
 
 @dataclass
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ConfigError("data.latent_cache_gb must be >= 0")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError("data.caption_dropout must be in [0, 1)")
+        if self.optim.vision_lr_scale < 0:
+            raise ConfigError("optim.vision_lr_scale must be >= 0")
         if self.gen_init_key_gain < 0:
             raise ConfigError("gen_init_key_gain must be >= 0")
         if self.repa.encoder and self.stage != "gen":

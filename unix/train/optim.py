@@ -9,12 +9,17 @@ import torch
 from unix.train.config import OptimConfig
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    # Norms, biases and tables get no weight decay.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Groups by weight decay (norms, biases and tables get none) and by lr scale (the vision
+    tower's is `cfg.vision_lr_scale`); each group's lr is cfg.lr x schedule x its "lr_scale"."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in named_params:
+        scale = cfg.vision_lr_scale if name.startswith("vision.") else 1.0
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+         for (decay, scale), ps in groups.items()],
+        lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -69,6 +69,9 @@ class Trainer:
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
         und = cfg.stage == "und"
         self.model.set_trainable(und=und, gen=not und, vision=und)
+        if und and cfg.optim.vision_lr_scale == 0:  # the connector still trains
+            for p in self.model.vision.parameters():
+                p.requires_grad_(False)
         self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.stream = RowStream(cfg.data.shards, cfg.data.split, cfg.seed, self.d.rank, self.d.world)
         self.packer = Packer(self.stream, self._item, cfg.data.token_budget, cfg.data.max_samples)
@@ -81,7 +84,7 @@ class Trainer:
             else:
                 parallel.replicate_model(self.model, self.d)
             self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer([p for _, p in self.trained], cfg.optim)
+        self.optimizer = build_optimizer(self.trained, cfg.optim)
         self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.repa = self._repa() if cfg.repa.encoder else None
         if state is not None:
@@ -267,7 +270,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.optim.grad_clip or float("inf"))
         lr = cfg.optim.lr * lr_factor(self.step, cfg.steps, cfg.optim)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
