@@ -70,10 +70,9 @@ def bench_reports(pipe, rows: list[dict], batch: int) -> dict:
             "seconds": seconds, "per_finding": per_finding, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
 
 
-def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float, weights_dir: str, size: int) -> dict:
+def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, weights_dir: str) -> dict:
     extractor = load_extractor(weights_dir)
     real = torch.stack([decode_gray(r["image"], extractor.input_size, 0.0) for r in rows])
-    settings = ImageSettings(size=size, steps=steps, guidance=guidance)
     t0, fake = time.perf_counter(), []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
@@ -88,7 +87,8 @@ def bench_images(pipe, rows: list[dict], batch: int, steps: int, guidance: float
     half = len(rows) // 2
     agreement = finding_agreement(fake_pred, labels)
     return {
-        "n": len(rows), "size": size, "steps": steps, "guidance": guidance, "seconds": seconds,
+        "n": len(rows), "size": settings.size, "steps": settings.steps, "guidance": settings.guidance,
+        "guidance_interval": list(settings.interval), "seconds": seconds,
         "agreement_micro_f1": agreement["micro_f1"],
         # the floor: the same images scored against the labels of other reports (a fixed shuffle);
         # a model that ignores its prompt scores about this
@@ -124,6 +124,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=600, help="test images (default: all 600 of a 6000-image set)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2, as unix generate)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
+                   help="guide only while the shifted t is in (LO, HI] (default: 0.4 1, as unix generate)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, help="generated and reconstructed image side in px (default: the model's largest)")
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
@@ -139,7 +141,8 @@ def main() -> int:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)
         print(json.dumps(result["reports"], indent=1), flush=True)
     if "images" not in args.skip:
-        result["images"] = bench_images(pipe, rows, args.batch_size, args.steps, args.guidance, args.weights_dir, size)
+        settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, interval=tuple(args.guidance_interval))
+        result["images"] = bench_images(pipe, rows, args.batch_size, settings, args.weights_dir)
         print(json.dumps(result["images"], indent=1), flush=True)
     if "vae" not in args.skip:
         result["vae"] = bench_vae(pipe, rows, args.batch_size, args.weights_dir, size)
