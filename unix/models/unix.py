@@ -71,11 +71,15 @@ class UniX(nn.Module):
             return "gen"
         return "und"
 
-    def set_trainable(self, und: bool, gen: bool, vision: bool | None = None) -> None:
-        """Freeze or unfreeze the branches (vision defaults to following und)."""
+    def set_trainable(self, und: bool, gen: bool, vision: bool | None = None, tower: bool | None = None) -> None:
+        """Freeze or unfreeze the branches: vision (tower + connector) defaults to following und,
+        the tower alone to following vision."""
         vision = und if vision is None else vision
+        tower = vision if tower is None else tower
         for name, p in self.named_parameters():
-            if name.startswith(("vision.", "connector.")):
+            if name.startswith("vision."):
+                p.requires_grad_(tower)
+            elif name.startswith("connector."):
                 p.requires_grad_(vision)
             else:
                 p.requires_grad_(gen if self.branch_of(name) == "gen" else und)

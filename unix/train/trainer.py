@@ -68,10 +68,8 @@ class Trainer:
         self.codec = self._vae() if cfg.stage == "gen" else None
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
         und = cfg.stage == "und"
-        self.model.set_trainable(und=und, gen=not und, vision=und)
-        if und and cfg.optim.vision_lr_scale == 0:  # the connector still trains
-            for p in self.model.vision.parameters():
-                p.requires_grad_(False)
+        # vision_lr_scale 0 freezes the tower; the connector still trains
+        self.model.set_trainable(und=und, gen=not und, vision=und, tower=und and cfg.optim.vision_lr_scale > 0)
         self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.stream = RowStream(cfg.data.shards, cfg.data.split, cfg.seed, self.d.rank, self.d.world)
         self.packer = Packer(self.stream, self._item, cfg.data.token_budget, cfg.data.max_samples)
