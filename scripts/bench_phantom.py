@@ -87,7 +87,7 @@ def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, we
     half = len(rows) // 2
     agreement = finding_agreement(fake_pred, labels)
     return {
-        "n": len(rows), "size": settings.size, "steps": settings.steps, "guidance": settings.guidance,
+        "n": len(rows), "size": settings.size, "steps": settings.steps, "guidance": settings.guidance, "shift": settings.shift,
         "guidance_interval": list(settings.interval), "seconds": seconds,
         "agreement_micro_f1": agreement["micro_f1"],
         # the floor: the same images scored against the labels of other reports (a fixed shuffle);
@@ -124,6 +124,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=600, help="test images (default: all 600 of a 6000-image set)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2, as unix generate)")
+    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the sampling schedule (default: 3, as unix generate)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
                    help="guide only while the shifted t is in (LO, HI] (default: 0.4 1, as unix generate)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -141,7 +142,7 @@ def main() -> int:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)
         print(json.dumps(result["reports"], indent=1), flush=True)
     if "images" not in args.skip:
-        settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, interval=tuple(args.guidance_interval))
+        settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift, interval=tuple(args.guidance_interval))
         result["images"] = bench_images(pipe, rows, args.batch_size, settings, args.weights_dir)
         print(json.dumps(result["images"], indent=1), flush=True)
     if "vae" not in args.skip:
