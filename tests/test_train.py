@@ -77,7 +77,7 @@ def test_resume_reproduces_an_uninterrupted_run(data, tmp_path):
 
 def test_gen_stage_freezes_und_bitwise(stage1, data, vae_file, tmp_path):
     init = stage1[0] / "final"
-    cfg = cfg_for("gen", tmp_path / "g", data, f"init={init}", f"vae={vae_file}")
+    cfg = cfg_for("gen", tmp_path / "g", data, f"init={init}", f"vae={vae_file}", "gen_init_from=''")
     trainer = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     # Stage 1 trained no generation branch: gen starts as a copy of und.
@@ -303,11 +303,36 @@ def test_gen_latent_cache_matches_fresh_encoding_and_fills_once(data, vae_file, 
 
 def test_gen_init_key_gain_scales_only_the_copied_gen_key_norms(stage1, data, vae_file, tmp_path):
     init = stage1[0] / "final"
-    model = Trainer(cfg_for("gen", tmp_path / "k", data, f"init={init}", f"vae={vae_file}", "gen_init_key_gain=0.25")).model
+    model = Trainer(cfg_for("gen", tmp_path / "k", data, f"init={init}", f"vae={vae_file}", "gen_init_key_gain=0.25",
+                            "gen_init_from=''")).model
     for layer in model.decoder.layers:
         assert torch.allclose(layer.gen.k_norm.weight, 0.25 * layer.und.k_norm.weight)
         assert torch.equal(layer.gen.q_norm.weight, layer.und.q_norm.weight)
         assert torch.equal(layer.gen.k_proj.weight, layer.und.k_proj.weight)
+
+
+def test_gen_init_from_takes_gen_from_another_und_or_keeps_it_random(stage1, data, vae_file, tmp_path):
+    from unix.weights.folder import load_model, save_model
+
+    init = stage1[0] / "final"
+    stored, _ = load_model(init)
+    other = tmp_path / "other"  # a second und of the same decoder, its weights all changed
+    with torch.no_grad():
+        for p in stored.parameters():
+            p.add_(1.0)
+    save_model(stored, other)
+    args = (f"init={init}", f"vae={vae_file}")
+    model = Trainer(cfg_for("gen", tmp_path / "a", data, *args, f"gen_init_from={other}")).model
+    for layer, src in zip(model.decoder.layers, stored.decoder.layers):
+        assert torch.equal(layer.gen.v_proj.weight, src.und.v_proj.weight)
+        assert not torch.equal(layer.und.v_proj.weight, src.und.v_proj.weight)  # und stays the init's
+    fresh, _ = load_model(init)
+    model = Trainer(cfg_for("gen", tmp_path / "b", data, *args, "gen_init_from=random")).model
+    for layer, src in zip(model.decoder.layers, fresh.decoder.layers):
+        assert torch.equal(layer.gen.v_proj.weight, src.gen.v_proj.weight)
+        assert not torch.equal(layer.gen.v_proj.weight, layer.und.v_proj.weight)
+    with pytest.raises(UserError, match="gen_init_from"):
+        Trainer(cfg_for("gen", tmp_path / "c", data, *args, f"gen_init_from={tmp_path / 'none'}"))
 
 
 def test_vision_lr_scale_slows_or_freezes_only_the_tower(data, tmp_path):

@@ -66,6 +66,9 @@ class TrainConfig:
     # after the und -> gen copy: scale the gen branch's key-norm gains; < 1 makes gen keys quiet at
     # the start, so gen queries begin by reading the (frozen) prompt keys instead of each other
     gen_init_key_gain: float = 1.0
+    # where that copy comes from: "" = the init's own und; a weights folder = its und (same
+    # decoder); "random" = no copy, gen keeps its untrained init
+    gen_init_from: str = ""
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False

@@ -102,6 +102,8 @@ class Trainer:
             value = getattr(cfg, key)
             if value and not Path(value).is_dir():
                 raise UserError(f"{key}: folder {value!r} not found")
+        if cfg.gen_init_from not in ("", "random") and not Path(cfg.gen_init_from).is_dir():
+            raise UserError(f"gen_init_from: folder {cfg.gen_init_from!r} not found (or use \"random\")")
         for key in ("vae", "vision"):
             value = getattr(cfg, key)
             if value and not Path(value).is_file():
@@ -131,8 +133,7 @@ class Trainer:
             _set_latent_normalisation(model.cfg, self.cfg.model_overrides)
             stages = self._init_stages()
             if self.cfg.stage == "gen" and "gen" not in stages:
-                log.info("init has no trained generation branch: copying und -> gen")
-                model.init_gen_from_und(key_gain=self.cfg.gen_init_key_gain)
+                self._init_gen(model)
             return model.train()
         model = UniX(cfg)
         if self.cfg.janus:
@@ -144,6 +145,22 @@ class Trainer:
 
             load_vision_tower(model.vision, self.cfg.vision)
         return model.train()
+
+    def _init_gen(self, model: UniX) -> None:
+        src = self.cfg.gen_init_from
+        gain = self.cfg.gen_init_key_gain
+        if src == "random":
+            log.info("init has no trained generation branch: gen keeps its random init")
+            model.init_gen_from_und(key_gain=gain, copy=False)
+        elif src:
+            log.info("init has no trained generation branch: copying und of %s -> gen", src)
+            source, _ = load_model(src)
+            if to_dict(source.cfg.lm) != to_dict(model.cfg.lm):
+                raise UserError(f"gen_init_from: {src} has another decoder ({source.cfg.name!r}) than init {self.cfg.init}")
+            model.init_gen_from_und(key_gain=gain, source=source)
+        else:
+            log.info("init has no trained generation branch: copying und -> gen")
+            model.init_gen_from_und(key_gain=gain)
 
     def _repa(self):
         from unix.train.repa import Repa
