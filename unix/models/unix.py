@@ -84,22 +84,24 @@ class UniX(nn.Module):
             else:
                 p.requires_grad_(gen if self.branch_of(name) == "gen" else und)
 
-    def init_gen_from_und(self, key_gain: float = 1.0, source: "UniX | None" = None, copy: bool = True) -> None:
-        """Copy every und per-token weight into its gen twin (start of generation training), the gen
-        key-norm gains scaled by `key_gain` (< 1: gen keys start quiet, so gen queries read the prompt).
-        `source`: take the und weights of another model of the same structure instead of this one's;
-        `copy=False`: keep the gen weights as they are (their random init) and only scale the keys."""
+    def init_gen_from_und(self, source: "UniX | None" = None) -> None:
+        """Copy every und per-token weight into its gen twin (start of generation training);
+        `source`: take the und weights of another model of the same decoder instead of this one's."""
         src = self if source is None else source
         with torch.no_grad():
             for layer, src_layer in zip(self.decoder.layers, src.decoder.layers, strict=True):
-                if copy:
-                    layer.gen.load_state_dict(src_layer.und.state_dict())
-                if key_gain != 1.0:  # without QK-norm, the key projection itself is scaled
-                    scaled = layer.gen.k_norm if self.cfg.lm.qk_norm else layer.gen.k_proj
-                    for p in scaled.parameters():
-                        p.mul_(key_gain)
-            if copy:
-                self.decoder.norm_gen.load_state_dict(src.decoder.norm_und.state_dict())
+                layer.gen.load_state_dict(src_layer.und.state_dict())
+            self.decoder.norm_gen.load_state_dict(src.decoder.norm_und.state_dict())
+
+    def scale_gen_keys(self, gain: float) -> None:
+        """Scale the gen key-norm gains (< 1: gen keys start quiet, so gen queries read the prompt)."""
+        if gain == 1.0:
+            return
+        with torch.no_grad():
+            for layer in self.decoder.layers:  # without QK-norm, the key projection itself is scaled
+                scaled = layer.gen.k_norm if self.cfg.lm.qk_norm else layer.gen.k_proj
+                for p in scaled.parameters():
+                    p.mul_(gain)
 
     # --- inputs -----------------------------------------------------------------------------
 

@@ -63,12 +63,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)  # generation stages only
-    # after the und -> gen copy: scale the gen branch's key-norm gains; < 1 makes gen keys quiet at
-    # the start, so gen queries begin by reading the (frozen) prompt keys instead of each other
-    gen_init_key_gain: float = 1.0
-    # where that copy comes from: "" = the init's own und; a weights folder = its und (same
-    # decoder); "random" = no copy, gen keeps its untrained init
+    # where an untrained gen branch starts: "" = a copy of the init's own und; a weights folder =
+    # a copy of its und (same decoder); "random" = no copy, gen keeps the init folder's weights
     gen_init_from: str = ""
+    # then scale the gen branch's key-norm gains; < 1 makes gen keys quiet at the start, so gen
+    # queries begin by reading the (frozen) prompt keys instead of each other
+    gen_init_key_gain: float = 1.0
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False

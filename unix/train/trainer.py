@@ -148,19 +148,17 @@ class Trainer:
 
     def _init_gen(self, model: UniX) -> None:
         src = self.cfg.gen_init_from
-        gain = self.cfg.gen_init_key_gain
         if src == "random":
-            log.info("init has no trained generation branch: gen keeps its random init")
-            model.init_gen_from_und(key_gain=gain, copy=False)
+            log.info("init has no trained generation branch: gen keeps its untrained init")
         elif src:
+            if to_dict(read_model_config(Path(src)).lm) != to_dict(model.cfg.lm):
+                raise UserError(f"gen_init_from: {src} has another decoder than init {self.cfg.init}")
             log.info("init has no trained generation branch: copying und of %s -> gen", src)
-            source, _ = load_model(src)
-            if to_dict(source.cfg.lm) != to_dict(model.cfg.lm):
-                raise UserError(f"gen_init_from: {src} has another decoder ({source.cfg.name!r}) than init {self.cfg.init}")
-            model.init_gen_from_und(key_gain=gain, source=source)
+            model.init_gen_from_und(source=load_model(src)[0])
         else:
             log.info("init has no trained generation branch: copying und -> gen")
-            model.init_gen_from_und(key_gain=gain)
+            model.init_gen_from_und()
+        model.scale_gen_keys(self.cfg.gen_init_key_gain)
 
     def _repa(self):
         from unix.train.repa import Repa
