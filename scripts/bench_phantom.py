@@ -97,6 +97,7 @@ def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, we
         "fd_generated_vs_real": frechet_distance(f_real, f_fake),
         "fd_real_half_vs_half": frechet_distance(f_real[:half], f_real[half:2 * half]),
         "agreement_per_finding": {f: v["f1"] for f, v in agreement["per_finding"].items()},
+        "classifier_on_real_per_finding": {f: v["f1"] for f, v in finding_agreement(real_pred, labels)["per_finding"].items()},
     }
 
 
@@ -112,9 +113,11 @@ def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str, size: int) -
     recon = torch.cat(recon)
     labels = true_labels(rows)
     pred = (extractor.predict(recon).numpy() >= 0.5).astype(float)
+    agreement = finding_agreement(pred, labels)
     return {"n": len(rows), "size": size, "l1": float((recon - real).abs().mean()) * 2,  # in [-1, 1] units, as train-vae reports
-            "agreement_micro_f1": finding_agreement(pred, labels)["micro_f1"],
-            "fd_reconstructed_vs_real": frechet_distance(extractor(real).numpy(), extractor(recon).numpy())}
+            "agreement_micro_f1": agreement["micro_f1"],
+            "fd_reconstructed_vs_real": frechet_distance(extractor(real).numpy(), extractor(recon).numpy()),
+            "agreement_per_finding": {f: v["f1"] for f, v in agreement["per_finding"].items()}}
 
 
 def main() -> int:

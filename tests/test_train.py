@@ -185,6 +185,27 @@ def test_vae_trains_on_crops(monkeypatch, data, tmp_path):
     assert seen[:2] == [(32, 32), (32, 32)] and set(seen[2:]) == {(64, 64)}
 
 
+def test_vae_edge_loss_sees_thin_lines_that_plain_l1_barely_weighs(monkeypatch, data, tmp_path):
+    """--edge-weight adds an L1 on neighbour differences: a one-pixel line lost costs it twice the
+    line's L1, a smooth ramp's offset costs it nothing; train-vae passes the weight through."""
+    import unix.train.vae as vae_mod
+
+    img = torch.zeros(1, 1, 32, 32)
+    line = img.clone()
+    line[..., 16] = 1.0
+    assert vae_mod.edge_l1(img, img) == 0
+    assert vae_mod.edge_l1(img, line).item() == pytest.approx(0.5 * 2 * 32 / (32 * 31), rel=1e-6)
+    ramp = torch.linspace(0, 1, 32).expand(1, 1, 32, 32)
+    assert vae_mod.edge_l1(ramp, ramp + 0.3).item() == pytest.approx(0.0, abs=1e-6)
+    calls = []
+    edge = vae_mod.edge_l1
+    monkeypatch.setattr(vae_mod, "edge_l1", lambda rec, x: (calls.append(rec.shape), edge(rec, x))[1])
+    args = ["train-vae", "--shards", str(data), "--out", str(tmp_path / "vae"), "--steps", "2", "--image-size", "32", "--batch-size", "2"]
+    assert main(args) == 0 and calls == []
+    assert main(args + ["--edge-weight", "1"]) == 0 and len(calls) == 2
+    assert main(args + ["--edge-weight", "-1"]) == 2
+
+
 def test_vision_stage0_starts_stage1(data, tmp_path):
     from safetensors.torch import load_file
 

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
                    help="train on random CROP x CROP windows of the images (multiple of 16; 0 = whole images); "
                         "the latent statistics are always taken on whole images")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="weight of an L1 on neighbouring-pixel differences beside the plain L1: keeps thin lines (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_train_vae)
 
@@ -53,10 +55,12 @@ def cmd_train_vae(args) -> int:
 
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 16")
+    if args.edge_weight < 0:
+        raise UserError(f"--edge-weight {args.edge_weight} must be >= 0")
     if args.crop % 16 or not 0 <= args.crop <= args.image_size:
         raise UserError(f"--crop {args.crop} must be a multiple of 16 between 0 and --image-size ({args.image_size})")
     stats = train_vae(VAETrainSettings(args.shards, args.out, args.preset, args.steps, args.batch_size, args.image_size, args.lr,
-                                       seed=args.seed, crop=args.crop))
+                                       seed=args.seed, crop=args.crop, edge_weight=args.edge_weight))
     print(f"vae.scale={stats['scale']:.6f} vae.shift={stats['shift']:.6f} (final L1 {stats['l1']:.4f})")
     return 0
 

@@ -3,7 +3,9 @@
     unix train-vae --shards data/phantom --out weights/phantom-vae --steps 3000
 
 Loss: L1 reconstruction + a small KL term (LDM's recipe without the perceptual and adversarial
-parts, enough for flat synthetic images). At the end the latent statistics of the data give the
+parts), plus optionally L1 on the images' horizontal and vertical differences (`edge_weight`): plain
+L1 is content with a blurred rib cage, a blurred pleural line and no tubes, and the findings drawn
+with thin lines are then lost for the generator (docs/BENCHMARKS.md). At the end the latent statistics of the data give the
 normalisation `z' = scale (z - shift)` that makes latents roughly unit-variance; they are written
 to `vae.json` beside the weights and must be used as the model's `vae.scale` / `vae.shift`.
 """
@@ -39,6 +41,14 @@ class VAETrainSettings:
     kl_weight: float = 1e-6
     seed: int = 0
     crop: int = 0  # train on random crop x crop windows of the image_size images (0 = whole images)
+    edge_weight: float = 0.0  # weight of the L1 on neighbouring-pixel differences
+
+
+def edge_l1(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the horizontal and between the vertical neighbour differences of two batches."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
+    return 0.5 * ((dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean())
 
 
 def train_vae(s: VAETrainSettings) -> dict:
@@ -70,6 +80,8 @@ def train_vae(s: VAETrainSettings) -> dict:
         l1 = (rec - x).abs().mean()
         kl = post.kl().mean() / x[0].numel()
         loss = l1 + s.kl_weight * kl * x[0].numel()
+        if s.edge_weight:
+            loss = loss + s.edge_weight * edge_l1(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
