@@ -126,10 +126,11 @@ def main() -> int:
     p.add_argument("--data", required=True, help="CXR-Phantom shard folder with a test split")
     p.add_argument("--n", type=int, default=600, help="test images (default: all 600 of a 6000-image set)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: 30)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2, as unix generate)")
-    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the sampling schedule (default: 3, as unix generate)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
-                   help="guide only while the shifted t is in (LO, HI] (default: 0.4 1, as unix generate)")
+    # the rest as unix generate: the weights folder's sampling.json, else the release's values
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: as unix generate)")
+    p.add_argument("--shift", type=float, help="timestep shift of the sampling schedule (default: as unix generate)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only while the shifted t is in (LO, HI] (default: as unix generate)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, help="generated and reconstructed image side in px (default: the model's largest)")
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
@@ -145,7 +146,8 @@ def main() -> int:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)
         print(json.dumps(result["reports"], indent=1), flush=True)
     if "images" not in args.skip:
-        settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift, interval=tuple(args.guidance_interval))
+        settings = pipe.image_settings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                                       interval=tuple(args.guidance_interval) if args.guidance_interval else None)
         result["images"] = bench_images(pipe, rows, args.batch_size, settings, args.weights_dir)
         print(json.dumps(result["images"], indent=1), flush=True)
     if "vae" not in args.skip:

@@ -21,6 +21,7 @@ VISION_STEPS=${VISION_STEPS:-8000}
 VISION_POOL=${VISION_POOL:-meanmax}  # the label probe reads the mean and the max over patches
 S1_STEPS=${S1_STEPS:-4800}  # packed rows of 1,024 tokens (~7 images)
 S2_STEPS=${S2_STEPS:-4800}  # packed rows of 2,048 tokens (7 images)
+GUIDANCE=${GUIDANCE:-3}        # written to the model's sampling.json: unix generate's default for it
 PARALLEL=${PARALLEL:-1}
 COPY=${COPY:-1}
 THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -64,6 +65,10 @@ SHIFT=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['shi
 # latent normalisation of the new VAE goes into the model config here
 OMP_NUM_THREADS=$THREADS $UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
   init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]"
+
+# the guidance scale this model follows its prompt best at (docs/BENCHMARKS.md): unix generate's
+# default for it (a --guidance flag still wins)
+echo "{\"guidance\": $GUIDANCE}" > "$WORK/stage2/final/sampling.json"
 
 if [ "$COPY" = 1 ]; then
   rm -rf weights/phantom-tiny.new && cp -r "$WORK/stage2/final" weights/phantom-tiny.new

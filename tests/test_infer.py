@@ -175,6 +175,32 @@ def test_generate_cli(folder, tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_sampling_json_sets_the_folders_defaults_and_flags_still_win(folder, tmp_path, capsys):
+    """A weights folder's sampling.json replaces the release's sampling defaults; a flag beats both;
+    a bad file is one error naming it."""
+    import shutil
+
+    own = tmp_path / "w"
+    shutil.copytree(folder, own)
+    base = ["generate", "Small left effusion.", "--weights", str(own), "--size", "64", "--steps", "3", "-q", "--overwrite"]
+
+    def side(*extra):
+        assert main(base + ["--out", str(tmp_path / "o")] + list(extra)) == 0
+        return json.loads((tmp_path / "o" / "prompt000.json").read_text())
+
+    assert side()["guidance"] == 2.0 and side()["shift"] == 3.0
+    (own / "sampling.json").write_text(json.dumps({"guidance": 3.5, "interval": [0.2, 1.0]}))
+    got = side()
+    assert got["guidance"] == 3.5 and got["guidance_interval"] == [0.2, 1.0] and got["shift"] == 3.0
+    assert side("--guidance", "1.5")["guidance"] == 1.5
+    assert load_pipeline(own, device="cpu").image_settings(size=64).guidance == 3.5
+    for bad, message in (({"guidence": 3}, "unknown key 'guidence'"), ({"steps": 2.5}, "steps = 2.5"), ("[", "not readable JSON")):
+        (own / "sampling.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        assert main(base + ["--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "sampling.json" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -36,11 +36,12 @@ def register(subparsers) -> None:
     p.add_argument("prompts", nargs="*", help="prompt text(s)")
     p.add_argument("--prompts-file", help="CSV/JSONL with 'prompt' (or 'report'), optional 'id' and 'seed'")
     p.add_argument("--num-per-prompt", type=int, default=1)
-    p.add_argument("--steps", type=int, default=50, help="schedule points (steps-1 Euler moves; default 50)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2.0; 1 = off)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
-                   help="guide only while the shifted t is in (LO, HI] (default 0.4 1.0)")
-    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the schedule (default 3.0)")
+    # Sampling defaults: the weights folder's sampling.json where it has one, else the release's values.
+    p.add_argument("--steps", type=int, help="schedule points (steps-1 Euler moves; default: sampling.json, else 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off; default: sampling.json, else 2.0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only while the shifted t is in (LO, HI] (default: sampling.json, else 0.4 1.0)")
+    p.add_argument("--shift", type=float, help="timestep shift of the schedule (default: sampling.json, else 3.0)")
     p.add_argument("--size", type=int, help="output side in px (default: 512, or the model's largest if smaller)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k unless the file gives seeds")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
@@ -143,7 +144,6 @@ def read_prompts(args) -> list[dict]:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from unix.infer import ImageSettings
     from unix.infer.io import atomic_write, png_bytes, write_rows
 
     jobs = read_prompts(args)
@@ -155,8 +155,8 @@ def cmd_generate(args) -> int:
     pipe = _pipeline(args)
     largest = pipe.cfg.gen.max_latent_size * pipe.cfg.vae.downsample
     size = args.size or min(512, largest)
-    settings = ImageSettings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
-                             interval=tuple(args.guidance_interval))
+    settings = pipe.image_settings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
+                                   interval=tuple(args.guidance_interval) if args.guidance_interval else None)
     try:
         from unix.infer.images import latent_grid
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,34 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "phantom-tiny"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Optional, in a weights folder: the image sampling defaults that model was measured best with
+# (like transformers' generation_config.json). Command-line values still win.
+SAMPLING_FILE = "sampling.json"
+SAMPLING_KEYS = {"steps": int, "guidance": float, "shift": float, "interval": list}
+
+
+def read_sampling_defaults(folder: Path) -> dict:
+    """The folder's `sampling.json` as ImageSettings fields ({} when absent); a bad file is a UserError naming it."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    out = {}
+    for key, value in raw.items():
+        kind = SAMPLING_KEYS.get(key)
+        if kind is None:
+            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(SAMPLING_KEYS)})")
+        ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)) if kind is list \
+            else isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+        if not ok:
+            raise UserError(f"{path}: {key} = {value!r} is not {'two numbers' if kind is list else 'a number'}")
+        out[key] = tuple(float(v) for v in value) if kind is list else kind(value)
+    return out
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -56,6 +85,7 @@ class Pipeline:
     folder: Path
     device: torch.device
     dtype: torch.dtype
+    sampling: dict = field(default_factory=dict)  # the folder's sampling.json (ImageSettings fields)
     _codec: object = field(default=None, repr=False)
 
     @property
@@ -85,8 +115,14 @@ class Pipeline:
         ids = generate_report_ids(self.model, self.tokenizer, self.pixels(paths), settings)
         return [self.tokenizer.decode(r) for r in ids]
 
-    def images(self, prompts: list[str], seeds: list[int], settings: ImageSettings = ImageSettings()) -> list[np.ndarray]:
-        """Prompts -> uint8 grayscale images (size x size)."""
+    def image_settings(self, **given) -> ImageSettings:
+        """ImageSettings from, in order of precedence: the non-None `given` values, the folder's
+        sampling.json, the ImageSettings defaults."""
+        return ImageSettings(**{**self.sampling, **{k: v for k, v in given.items() if v is not None}})
+
+    def images(self, prompts: list[str], seeds: list[int], settings: ImageSettings | None = None) -> list[np.ndarray]:
+        """Prompts -> uint8 grayscale images (size x size); settings default to `image_settings()`."""
+        settings = settings or self.image_settings()
         for p in prompts:
             if not p.strip():
                 raise UserError("empty prompt")
@@ -111,4 +147,4 @@ def load_pipeline(weights: str | Path | None = None, device: str = "auto", dtype
         model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, connector_act=connector_act))
         model.connector.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[connector_act]
     tokenizer = Tokenizer.from_folder(folder, model.cfg.tokens, double_bos=double_bos)
-    return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype])
+    return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype], read_sampling_defaults(folder))
