@@ -61,7 +61,7 @@ fi
 SCALE=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['scale'])")
 SHIFT=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['shift'])")
 
-# stage 2: generation at 256 px from stage 1 (und copied to gen), understanding frozen; the
+# stage 2: generation at 256 px from stage 1 (gen from its random init, as the config says), understanding frozen; the
 # latent normalisation of the new VAE goes into the model config here
 OMP_NUM_THREADS=$THREADS $UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
   init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]"

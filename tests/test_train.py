@@ -332,6 +332,22 @@ def test_gen_init_key_gain_scales_only_the_copied_gen_key_norms(stage1, data, va
         assert torch.equal(layer.gen.k_proj.weight, layer.und.k_proj.weight)
 
 
+def test_gen_init_out_gain_scales_only_the_gen_residual_outputs(stage1, data, vae_file, tmp_path):
+    init = stage1[0] / "final"
+    base = ("gen", tmp_path / "o", data, f"init={init}", f"vae={vae_file}", "gen_init_from=''")
+    model = Trainer(cfg_for(*base, "gen_init_out_gain=0")).model
+    for layer in model.decoder.layers:
+        assert not layer.gen.o_proj.weight.any() and not layer.gen.mlp.down_proj.weight.any()
+        assert layer.und.o_proj.weight.any() and torch.equal(layer.gen.mlp.up_proj.weight, layer.und.mlp.up_proj.weight)
+    half = Trainer(cfg_for(*base[:1], tmp_path / "h", *base[2:], "gen_init_out_gain=0.5")).model
+    layer = half.decoder.layers[0]
+    assert torch.allclose(layer.gen.o_proj.weight, 0.5 * layer.und.o_proj.weight)
+    from unix.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gen_init_out_gain"):
+        cfg_for(*base[:1], tmp_path / "n", *base[2:], "gen_init_out_gain=-1")
+
+
 def test_gen_init_from_takes_gen_from_another_und_or_keeps_it_random(stage1, data, vae_file, tmp_path):
     from unix.weights.folder import load_model, save_model
 

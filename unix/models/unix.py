@@ -103,6 +103,16 @@ class UniX(nn.Module):
                 for p in scaled.parameters():
                     p.mul_(gain)
 
+    def scale_gen_outputs(self, gain: float) -> None:
+        """Scale the gen branch's residual outputs (attention o_proj, MLP down_proj); 0 makes every
+        gen block start as the identity, so the latents pass straight through until it learns."""
+        if gain == 1.0:
+            return
+        with torch.no_grad():
+            for layer in self.decoder.layers:
+                layer.gen.o_proj.weight.mul_(gain)
+                layer.gen.mlp.down_proj.weight.mul_(gain)
+
     # --- inputs -----------------------------------------------------------------------------
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:

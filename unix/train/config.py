@@ -69,6 +69,8 @@ class TrainConfig:
     # then scale the gen branch's key-norm gains; < 1 makes gen keys quiet at the start, so gen
     # queries begin by reading the (frozen) prompt keys instead of each other
     gen_init_key_gain: float = 1.0
+    # and the gen branch's residual outputs (o_proj, down_proj); 0 = every gen block starts as the identity
+    gen_init_out_gain: float = 1.0
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
@@ -91,8 +93,8 @@ class TrainConfig:
             raise ConfigError("data.caption_dropout must be in [0, 1)")
         if self.optim.vision_lr_scale < 0:
             raise ConfigError("optim.vision_lr_scale must be >= 0")
-        if self.gen_init_key_gain < 0:
-            raise ConfigError("gen_init_key_gain must be >= 0")
+        if self.gen_init_key_gain < 0 or self.gen_init_out_gain < 0:
+            raise ConfigError("gen_init_key_gain and gen_init_out_gain must be >= 0")
         if self.repa.encoder and self.stage != "gen":
             raise ConfigError("repa: REPA aligns generation tokens; set it on a generation stage only")
         if self.steps < 1 or self.keep_last < 1 or self.save_every < 1:
