@@ -70,6 +70,10 @@ def bench_reports(pipe, rows: list[dict], batch: int) -> dict:
             "seconds": seconds, "per_finding": per_finding, "examples": [{"id": r["id"], "true": r["report"], "pred": p} for r, p in zip(rows[:5], preds[:5])]}
 
 
+def per_finding_f1(agreement: dict) -> dict:
+    return {f: v["f1"] for f, v in agreement["per_finding"].items()}
+
+
 def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, weights_dir: str) -> dict:
     extractor = load_extractor(weights_dir)
     real = torch.stack([decode_gray(r["image"], extractor.input_size, 0.0) for r in rows])
@@ -85,7 +89,7 @@ def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, we
     fake_pred = (extractor.predict(fake).numpy() >= 0.5).astype(float)
     f_real, f_fake = extractor(real).numpy(), extractor(fake).numpy()
     half = len(rows) // 2
-    agreement = finding_agreement(fake_pred, labels)
+    agreement, on_real = finding_agreement(fake_pred, labels), finding_agreement(real_pred, labels)
     return {
         "n": len(rows), "size": settings.size, "steps": settings.steps, "guidance": settings.guidance, "shift": settings.shift,
         "guidance_interval": list(settings.interval), "seconds": seconds,
@@ -93,11 +97,11 @@ def bench_images(pipe, rows: list[dict], batch: int, settings: ImageSettings, we
         # the floor: the same images scored against the labels of other reports (a fixed shuffle);
         # a model that ignores its prompt scores about this
         "agreement_shuffled_micro_f1": finding_agreement(fake_pred, labels[np.random.default_rng(0).permutation(len(rows))])["micro_f1"],
-        "classifier_on_real_micro_f1": finding_agreement(real_pred, labels)["micro_f1"],
+        "classifier_on_real_micro_f1": on_real["micro_f1"],
         "fd_generated_vs_real": frechet_distance(f_real, f_fake),
         "fd_real_half_vs_half": frechet_distance(f_real[:half], f_real[half:2 * half]),
-        "agreement_per_finding": {f: v["f1"] for f, v in agreement["per_finding"].items()},
-        "classifier_on_real_per_finding": {f: v["f1"] for f, v in finding_agreement(real_pred, labels)["per_finding"].items()},
+        "agreement_per_finding": per_finding_f1(agreement),
+        "classifier_on_real_per_finding": per_finding_f1(on_real),
     }
 
 
@@ -117,7 +121,7 @@ def bench_vae(pipe, rows: list[dict], batch: int, weights_dir: str, size: int) -
     return {"n": len(rows), "size": size, "l1": float((recon - real).abs().mean()) * 2,  # in [-1, 1] units, as train-vae reports
             "agreement_micro_f1": agreement["micro_f1"],
             "fd_reconstructed_vs_real": frechet_distance(extractor(real).numpy(), extractor(recon).numpy()),
-            "agreement_per_finding": {f: v["f1"] for f, v in agreement["per_finding"].items()}}
+            "agreement_per_finding": per_finding_f1(agreement)}
 
 
 def main() -> int:

@@ -188,7 +188,8 @@ def test_sampling_json_sets_the_folders_defaults_and_flags_still_win(folder, tmp
         assert main(base + ["--out", str(tmp_path / "o")] + list(extra)) == 0
         return json.loads((tmp_path / "o" / "prompt000.json").read_text())
 
-    assert side()["guidance"] == 2.0 and side()["shift"] == 3.0
+    got = side()
+    assert got["guidance"] == 2.0 and got["shift"] == 3.0
     (own / "sampling.json").write_text(json.dumps({"guidance": 3.5, "interval": [0.2, 1.0]}))
     got = side()
     assert got["guidance"] == 3.5 and got["guidance_interval"] == [0.2, 1.0] and got["shift"] == 3.0

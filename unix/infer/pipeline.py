@@ -32,7 +32,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Optional, in a weights folder: the image sampling defaults that model was measured best with
 # (like transformers' generation_config.json). Command-line values still win.
 SAMPLING_FILE = "sampling.json"
-SAMPLING_KEYS = {"steps": int, "guidance": float, "shift": float, "interval": list}
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(ImageSettings) if f.name != "size")  # size is the caller's
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_sampling_defaults(folder: Path) -> dict:
@@ -48,14 +52,20 @@ def read_sampling_defaults(folder: Path) -> dict:
         raise UserError(f"{path}: expected a JSON object")
     out = {}
     for key, value in raw.items():
-        kind = SAMPLING_KEYS.get(key)
-        if kind is None:
+        if key not in SAMPLING_KEYS:
             raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(SAMPLING_KEYS)})")
-        ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)) if kind is list \
-            else isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
-        if not ok:
-            raise UserError(f"{path}: {key} = {value!r} is not {'two numbers' if kind is list else 'a number'}")
-        out[key] = tuple(float(v) for v in value) if kind is list else kind(value)
+        if key == "interval":
+            if not (isinstance(value, list) and len(value) == 2 and all(map(_number, value))):
+                raise UserError(f"{path}: {key} = {value!r} is not two numbers")
+            out[key] = (float(value[0]), float(value[1]))
+        elif key == "steps":
+            if not (_number(value) and float(value).is_integer()):
+                raise UserError(f"{path}: {key} = {value!r} is not a whole number")
+            out[key] = int(value)
+        else:
+            if not _number(value):
+                raise UserError(f"{path}: {key} = {value!r} is not a number")
+            out[key] = float(value)
     return out
 
 

@@ -93,25 +93,19 @@ class UniX(nn.Module):
                 layer.gen.load_state_dict(src_layer.und.state_dict())
             self.decoder.norm_gen.load_state_dict(src.decoder.norm_und.state_dict())
 
-    def scale_gen_keys(self, gain: float) -> None:
-        """Scale the gen key-norm gains (< 1: gen keys start quiet, so gen queries read the prompt)."""
-        if gain == 1.0:
-            return
-        with torch.no_grad():
-            for layer in self.decoder.layers:  # without QK-norm, the key projection itself is scaled
-                scaled = layer.gen.k_norm if self.cfg.lm.qk_norm else layer.gen.k_proj
-                for p in scaled.parameters():
-                    p.mul_(gain)
-
-    def scale_gen_outputs(self, gain: float) -> None:
-        """Scale the gen branch's residual outputs (attention o_proj, MLP down_proj); 0 makes every
-        gen block start as the identity, so the latents pass straight through until it learns."""
-        if gain == 1.0:
-            return
+    def scale_gen_init(self, key_gain: float = 1.0, out_gain: float = 1.0) -> None:
+        """Scale the fresh gen branch: its key-norm gains by `key_gain` (< 1: gen keys start quiet, so
+        gen queries read the prompt) and its residual outputs (attention o_proj, MLP down_proj) by
+        `out_gain` (0: every gen block starts as the identity, the latents passing straight through)."""
         with torch.no_grad():
             for layer in self.decoder.layers:
-                layer.gen.o_proj.weight.mul_(gain)
-                layer.gen.mlp.down_proj.weight.mul_(gain)
+                # without QK-norm, the key projection itself is scaled
+                keys = layer.gen.k_norm if self.cfg.lm.qk_norm else layer.gen.k_proj
+                scaled = [(p, key_gain) for p in keys.parameters()]
+                scaled += [(layer.gen.o_proj.weight, out_gain), (layer.gen.mlp.down_proj.weight, out_gain)]
+                for p, gain in scaled:
+                    if gain != 1.0:
+                        p.mul_(gain)
 
     # --- inputs -----------------------------------------------------------------------------
 

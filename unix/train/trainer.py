@@ -158,8 +158,7 @@ class Trainer:
         else:
             log.info("init has no trained generation branch: copying und -> gen")
             model.init_gen_from_und()
-        model.scale_gen_keys(self.cfg.gen_init_key_gain)
-        model.scale_gen_outputs(self.cfg.gen_init_out_gain)
+        model.scale_gen_init(self.cfg.gen_init_key_gain, self.cfg.gen_init_out_gain)
 
     def _repa(self):
         from unix.train.repa import Repa

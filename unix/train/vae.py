@@ -5,9 +5,10 @@
 Loss: L1 reconstruction + a small KL term (LDM's recipe without the perceptual and adversarial
 parts), plus optionally L1 on the images' horizontal and vertical differences (`edge_weight`): plain
 L1 is content with a blurred rib cage, a blurred pleural line and no tubes, and the findings drawn
-with thin lines are then lost for the generator (docs/BENCHMARKS.md). At the end the latent statistics of the data give the
-normalisation `z' = scale (z - shift)` that makes latents roughly unit-variance; they are written
-to `vae.json` beside the weights and must be used as the model's `vae.scale` / `vae.shift`.
+with thin lines are then lost for the generator (measured no better: docs/BENCHMARKS.md). At the
+end the latent statistics of the data give the normalisation `z' = scale (z - shift)` that makes
+latents roughly unit-variance; they are written to `vae.json` beside the weights and must be used
+as the model's `vae.scale` / `vae.shift`.
 """
 
 from __future__ import annotations
