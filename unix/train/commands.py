@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                         "the latent statistics are always taken on whole images")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--edge-weight", type=float, default=0.0,
-                   help="weight of an L1 on neighbouring-pixel differences beside the plain L1: keeps thin lines (default 0)")
+                   help="weight of an L1 on neighbouring-pixel differences beside the plain L1, meant for thin lines "
+                        "(on the phantom set it sharpened the ribs but read worse: docs/BENCHMARKS.md; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_train_vae)
 
