@@ -40,8 +40,9 @@ def main() -> int:
         chunk = rows[i:i + args.batch_size]
         gray = torch.stack([decode_gray(r["image"], args.image_size, fill=0.0) for r in chunk])
         z = codec.encode_gray(gray).float()
-        h, w = z.shape[-2:]
-        x0 = patchify(z)
+        p = model.cfg.gen.latent_patch_size
+        h, w = z.shape[-2] // p, z.shape[-1] // p  # the token grid
+        x0 = patchify(z, p)
         # each row's timestep and noise come from its own generator: the numbers do not depend on batching
         gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i + k) for k in range(len(chunk))]
         t = torch.cat([sample_t(1, args.shift, generator=gk) for gk in gens])

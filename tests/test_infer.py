@@ -88,6 +88,23 @@ def test_sampler_equals_naive_reference(tiny):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+def test_sampler_with_latent_patch_two(tiny):
+    from unix.config import override_config
+
+    model, tok = tiny
+    cfg = override_config(model.cfg, ["gen.latent_patch_size=2"])
+    torch.manual_seed(0)
+    p2 = UniX(cfg).eval()
+    assert p2.vae2llm.in_features == p2.llm2vae.out_features == 4 * cfg.vae.latent_channels
+    with torch.no_grad():
+        p2.llm2vae.weight.normal_(0, 0.2)
+    fast = sample_latents(p2, tok, PROMPTS, [1, 2], SMALL)
+    assert fast.shape == (2, cfg.vae.latent_channels, 4, 4)  # 64 px: a 4x4 VAE grid, 2x2 tokens
+    torch.testing.assert_close(fast, sample_latents_naive(p2, tok, PROMPTS, [1, 2], SMALL), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        sample_latents(p2, tok, PROMPTS, [1], ImageSettings(size=48, steps=3))
+
+
 def test_batched_images_equal_one_by_one(tiny):
     model, tok = tiny
     both = sample_latents(model, tok, PROMPTS, [5, 6], SMALL)

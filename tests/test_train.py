@@ -107,6 +107,35 @@ def test_init_takes_only_the_new_vaes_latent_normalisation(stage1, data, vae_fil
         Trainer(cfg_for("gen", tmp_path / "m", data, f"init={init}", f"vae={vae_file}", "model_overrides=[lm.num_layers=3]"))
 
 
+def test_latent_patch_size_rebuilds_the_untrained_gen_heads(stage1, data, vae_file, tmp_path):
+    init = stage1[0] / "final"
+    cfg = cfg_for("gen", tmp_path / "p", data, f"init={init}", f"vae={vae_file}",
+                  "model_overrides=[gen.latent_patch_size=2,gen.max_latent_size=2]")
+    trainer = Trainer(cfg)
+    C = trainer.model.cfg.vae.latent_channels
+    assert trainer.model.vae2llm.in_features == 4 * C and trainer.model.llm2vae.out_features == 4 * C
+    assert trainer.model.latent_pos_table.shape[0] == 2 * 2  # 64 px = 2x2 tokens, the largest the table holds
+    assert {id(trainer.model.vae2llm.weight), id(trainer.model.llm2vae.weight)} <= {id(p) for _, p in trainer.trained}
+    history = trainer.fit()
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    from unix.infer import load_pipeline
+
+    pipe = load_pipeline(tmp_path / "p" / "final", device="cpu")
+    assert (pipe.cfg.gen.latent_patch_size, pipe.cfg.gen.max_latent_size) == (2, 2)
+    assert pipe.images(["Small effusion."], [0], pipe.image_settings(size=64, steps=3))[0].shape == (64, 64)
+    # a trained gen branch keeps its patch size; an image size off the token grid is refused
+    for key in ("gen.latent_patch_size=1", "gen.max_latent_size=4"):
+        with pytest.raises(UserError, match=key.partition("=")[0]):
+            Trainer(cfg_for("gen", tmp_path / "q", data, f"init={tmp_path / 'p' / 'final'}", f"vae={vae_file}",
+                            f"model_overrides=[{key}]"))
+    with pytest.raises(UserError, match="multiple of 32"):
+        Trainer(cfg_for("gen", tmp_path / "r", data, f"init={init}", f"vae={vae_file}", "data.image_size=48",
+                        "model_overrides=[gen.latent_patch_size=2]"))
+    with pytest.raises(UserError, match="latent table"):
+        Trainer(cfg_for("gen", tmp_path / "r", data, f"init={init}", f"vae={vae_file}", "data.image_size=128",
+                        "model_overrides=[gen.latent_patch_size=2,gen.max_latent_size=2]"))
+
+
 def test_loss_falls_on_a_short_run(data, tmp_path):
     history = run(cfg_for("und", tmp_path / "f", data, "steps=30", "save_every=30", "optim.lr=3e-3"))
     first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3

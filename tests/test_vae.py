@@ -308,6 +308,19 @@ def test_patchify_matches_reference_einsum():
         unpatchify(tokens, 4, 4)
 
 
+def test_patchify_with_patch_two_groups_2x2_latents_like_the_reference():
+    z = torch.randn(2, 4, 6, 8)
+    tokens = patchify(z, 2)
+    assert tokens.shape == (2, 3 * 4, 2 * 2 * 4)
+    ref = torch.einsum("chpwq->hwpqc", z[0].reshape(4, 3, 2, 4, 2)).reshape(12, 16)
+    assert torch.equal(tokens[0], ref)
+    # token (y, x) = 1 * 4 + 2 holds latents rows 2-3, columns 4-5, its first values z[:, :, 2, 4]
+    assert torch.equal(tokens[:, 1 * 4 + 2, :4], z[:, :, 2, 4])
+    assert torch.equal(unpatchify(tokens, 6, 8, 2), z)
+    with pytest.raises(ValueError):
+        patchify(torch.randn(1, 4, 5, 8), 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------

@@ -102,8 +102,10 @@ class VAEConfig:
 class GenConfig:
     """Generation-branch heads around the shared stack."""
 
-    max_latent_size: int = 32  # latent grid side of the sin-cos table (32 -> 512 px with kl-f16)
+    max_latent_size: int = 32  # token grid side of the sin-cos table (32 -> 512 px with kl-f16, patch 1)
     timestep_freq_dim: int = 256  # sinusoid width fed to the timestep MLP
+    # p x p VAE latents make one token (BAGEL's knob; the release uses 1): p^2 fewer tokens per image
+    latent_patch_size: int = 1
 
 
 @dataclass
@@ -129,7 +131,19 @@ class ModelConfig:
     # "auto": flash-attention varlen on CUDA when installed, else SDPA with a dense mask.
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
 
+    @property
+    def latent_stride(self) -> int:
+        """Pixels along one side of a latent token: VAE downsampling x latent patch size."""
+        return self.vae.downsample * self.gen.latent_patch_size
+
+    @property
+    def latent_token_dim(self) -> int:
+        """Values in one latent token: C x p x p."""
+        return self.vae.latent_channels * self.gen.latent_patch_size ** 2
+
     def __post_init__(self) -> None:
+        if self.gen.latent_patch_size < 1:
+            raise ConfigError(f"gen.latent_patch_size={self.gen.latent_patch_size} must be at least 1")
         for name, tok in dataclasses.asdict(self.tokens).items():
             if not 0 <= tok < self.lm.vocab_size:
                 raise ConfigError(f"tokens.{name}={tok} is outside the vocabulary (lm.vocab_size={self.lm.vocab_size})")

@@ -153,7 +153,7 @@ def cmd_generate(args) -> int:
         if taken:
             raise UserError(f"{out / (taken[0] + '.png')} exists (use --overwrite or another --out)")
     pipe = _pipeline(args)
-    largest = pipe.cfg.gen.max_latent_size * pipe.cfg.vae.downsample
+    largest = pipe.cfg.gen.max_latent_size * pipe.cfg.latent_stride
     size = args.size or min(512, largest)
     settings = pipe.image_settings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
                                    interval=tuple(args.guidance_interval) if args.guidance_interval else None)

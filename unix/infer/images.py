@@ -33,12 +33,13 @@ class ImageSettings:
 
 
 def latent_grid(model, size: int) -> int:
-    down, grid = model.cfg.vae.downsample, model.cfg.gen.max_latent_size
-    if size % down or size <= 0:
-        raise ValueError(f"size {size} is not a positive multiple of {down}")
-    if size // down > grid:
-        raise ValueError(f"size {size} exceeds the model's latent table ({grid * down} px at most)")
-    return size // down
+    """Side of the token grid of a size x size image."""
+    stride, grid = model.cfg.latent_stride, model.cfg.gen.max_latent_size
+    if size % stride or size <= 0:
+        raise ValueError(f"size {size} is not a positive multiple of {stride}")
+    if size // stride > grid:
+        raise ValueError(f"size {size} exceeds the model's latent table ({grid * stride} px at most)")
+    return size // stride
 
 
 def initial_noise(seeds: list[int], n: int, channels: int) -> torch.Tensor:
@@ -61,9 +62,9 @@ def image_block(model, x: torch.Tensor, t: float, h: int, w: int, position: torc
 
 @torch.no_grad()
 def sample_latents(model, tokenizer: Tokenizer, prompts: list[str], seeds: list[int], settings: ImageSettings = ImageSettings()) -> torch.Tensor:
-    """Prompts -> normalised latents (B, C, h, w)."""
+    """Prompts -> normalised latents (B, C, h, w) (the VAE's grid, p x the token grid)."""
     h = w = latent_grid(model, settings.size)
-    n, C, B = h * w, model.cfg.vae.latent_channels, len(prompts)
+    n, C, B = h * w, model.cfg.latent_token_dim, len(prompts)
     device = next(model.parameters()).device
     sched = schedule(settings.steps, settings.shift).tolist()
     use_cfg = settings.guidance != 1.0 and any(guidance_active(t, settings.interval) for t in sched[:-1])
@@ -92,7 +93,8 @@ def sample_latents(model, tokenizer: Tokenizer, prompts: list[str], seeds: list[
         if guided:
             v = guided_velocity(v[:B], v[B:], settings.guidance)
         x = x - v * dt
-    return unpatchify(x, h, w)
+    p = model.cfg.gen.latent_patch_size
+    return unpatchify(x, h * p, w * p, p)
 
 
 @torch.no_grad()
@@ -100,7 +102,7 @@ def sample_latents_naive(model, tokenizer: Tokenizer, prompts: list[str], seeds:
     """The reference's way: one sample at a time, the prompt recomputed at every step, the
     guidance branches run as separate forwards. Slow on purpose (tests, benchmarks)."""
     h = w = latent_grid(model, settings.size)
-    n, C = h * w, model.cfg.vae.latent_channels
+    n, C = h * w, model.cfg.latent_token_dim
     device = next(model.parameters()).device
     sched = schedule(settings.steps, settings.shift).tolist()
     cfg = model.cfg
@@ -119,4 +121,5 @@ def sample_latents_naive(model, tokenizer: Tokenizer, prompts: list[str], seeds:
                 v = guided_velocity(v, velocity([]), settings.guidance)
             x = x - v[0] * dt
         outs.append(x)
-    return unpatchify(torch.stack(outs), h, w)
+    p = cfg.gen.latent_patch_size
+    return unpatchify(torch.stack(outs), h * p, w * p, p)

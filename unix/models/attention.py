@@ -93,11 +93,21 @@ class SDPAPlan:
         if self.blocks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
         rows = []
-        for b, (row, masks) in enumerate(zip(self.blocks, self.masks)):
-            rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, qs:qe], k[b:b + 1, :, ks:ke], v[b:b + 1, :, ks:ke],
-                                                                  attn_mask=mask)
-                                   for (qs, qe, ks, ke), mask in zip(row, masks)], dim=2))
+        # split, not slices: a slice's backward writes a zero tensor of the whole row, once per sample
+        for row, masks, qb, kb, vb in zip(self.blocks, self.masks, q.split(1), k.split(1), v.split(1)):
+            qs, ks = _pieces(qb, [(s, e) for s, e, _, _ in row]), _pieces(kb, [(s, e) for _, _, s, e in row])
+            vs = _pieces(vb, [(s, e) for _, _, s, e in row])
+            rows.append(torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
+                                   for qi, ki, vi, mask in zip(qs, ks, vs, masks)], dim=2))
         return torch.cat(rows, dim=0)
+
+
+def _pieces(x: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """x[:, :, s:e] for each span: one split when the spans tile dim 2 in order, else slices."""
+    tiled = spans[0][0] == 0 and spans[-1][1] == x.shape[2] and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    if tiled:
+        return list(x.split([e - s for s, e in spans], dim=2))
+    return [x[:, :, s:e] for s, e in spans]
 
 
 def _meta_slice(m: TokenMeta, b: int, start: int, end: int) -> TokenMeta:

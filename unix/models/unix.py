@@ -31,28 +31,35 @@ class UniX(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        D, C = cfg.lm.hidden_size, cfg.vae.latent_channels
+        D = cfg.lm.hidden_size
         self.embed_tokens = nn.Embedding(cfg.lm.vocab_size, D)
         self.decoder = MoTDecoder(cfg.lm)
         self.lm_head = nn.Linear(D, cfg.lm.vocab_size, bias=False)
         self.vision = SiglipVisionTower(cfg.vision)
         self.connector = Connector(cfg.vision.width, D, cfg.vision.connector_act)
         self.time_embedder = TimestepEmbedder(D, cfg.gen.timestep_freq_dim)
-        self.vae2llm = nn.Linear(C, D)
-        self.llm2vae = nn.Linear(D, C)
-        # Zero output head (as the release initialises it): training starts predicting v = 0.
-        nn.init.zeros_(self.llm2vae.weight)
-        nn.init.zeros_(self.llm2vae.bias)
+        self.reset_latent_heads()
         grid = cfg.gen.max_latent_size
         # Fixed table, recomputed from the config (not persistent): the loader checks a stored copy against it.
         self.register_buffer("latent_pos_table", sincos_2d_table(grid, D), persistent=False)
+
+    def reset_latent_heads(self) -> None:
+        """Fresh vae2llm / llm2vae for the config's latent tokens (C x p x p values each)."""
+        D, C = self.cfg.lm.hidden_size, self.cfg.latent_token_dim
+        device = self.embed_tokens.weight.device
+        self.vae2llm = nn.Linear(C, D, device=device)
+        self.llm2vae = nn.Linear(D, C, device=device)
+        # Zero output head (as the release initialises it): training starts predicting v = 0.
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the non-persistent tables (after building on the meta device + `to_empty`)."""
         rope = self.decoder.rope
         rope.inv_freq.copy_(rope.frequencies())
-        self.latent_pos_table.copy_(sincos_2d_table(self.cfg.gen.max_latent_size, self.cfg.lm.hidden_size))
+        table = sincos_2d_table(self.cfg.gen.max_latent_size, self.cfg.lm.hidden_size)
+        self.latent_pos_table = table.to(self.latent_pos_table.device)  # the config's size may have changed
 
     # --- parameter groups -----------------------------------------------------------------
 

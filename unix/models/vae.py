@@ -5,7 +5,8 @@ UniX generates in the latent space of the latent-diffusion `kl-f16` VAE: 16x dow
 `AutoencoderKL`, whose Encoder/Decoder compute exactly what the LDM ones do once the weights are
 renamed (`unix.weights.ldm_vae`). On top sits `LatentCodec`: pixels in [-1, 1] <-> normalised
 latents `z' = scale * (z - shift)`, the space the flow model works in. `patchify`/`unpatchify`
-turn a latent grid into the row-major token sequence the decoder stack reads (patch size 1).
+turn a latent grid into the row-major token sequence the decoder stack reads (p x p latents a
+token; the release uses p = 1).
 """
 
 from __future__ import annotations
@@ -133,23 +134,26 @@ class LatentCodec(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Latent grid <-> token sequence (latent patch size 1)
+# Latent grid <-> token sequence
 # ----------------------------------------------------------------------------------------------
 
 
-def patchify(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h*w, C): row-major tokens (index y*w + x), channels last.
-
-    Equals the reference `einsum("chpwq->hwpqc")` with p = q = 1.
-    """
+def patchify(z: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/p)*(w/p), p*p*C): row-major tokens (index y*(w/p) + x), each token
+    its p x p latents with channels last, as the reference `einsum("chpwq->hwpqc")`."""
     if z.dim() != 4:
         raise ValueError(f"patchify expects (B, C, h, w), got {tuple(z.shape)}")
-    return z.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    B, C, h, w = z.shape
+    if h % p or w % p:
+        raise ValueError(f"patchify: a {h}x{w} latent grid does not split into {p}x{p} patches")
+    z = z.reshape(B, C, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", z).reshape(B, (h // p) * (w // p), p * p * C)
 
 
-def unpatchify(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, C) -> (B, C, h, w), the inverse of `patchify`."""
-    B, L, C = tokens.shape
-    if L != h * w:
-        raise ValueError(f"unpatchify: {L} tokens do not fill a {h}x{w} grid")
-    return tokens.transpose(1, 2).reshape(B, C, h, w)
+def unpatchify(tokens: torch.Tensor, h: int, w: int, p: int = 1) -> torch.Tensor:
+    """(B, (h/p)*(w/p), p*p*C) -> (B, C, h, w), the inverse of `patchify`; h, w are latent sides."""
+    B, L, D = tokens.shape
+    if h % p or w % p or L != (h // p) * (w // p) or D % (p * p):
+        raise ValueError(f"unpatchify: {L} tokens of {D} values do not fill a {h}x{w} grid in {p}x{p} patches")
+    x = tokens.reshape(B, h // p, w // p, p, p, D // (p * p))
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, D // (p * p), h, w)

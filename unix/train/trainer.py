@@ -64,6 +64,8 @@ class Trainer:
         self._check_inputs()
         torch.manual_seed(cfg.seed)
         self.model = self._build_model()
+        if cfg.stage == "gen":
+            self._check_image_size()
         self.tokenizer = self._tokenizer()
         self.codec = self._vae() if cfg.stage == "gen" else None
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
@@ -117,6 +119,13 @@ class Trainer:
                 raise UserError(f"out: {self.out} holds a run of stage {prev.get('stage')!r} / model {prev.get('model')!r}; "
                                 f"use another out= to start stage {cfg.stage!r}")
 
+    def _check_image_size(self) -> None:
+        size, stride, grid = self.cfg.data.image_size, self.model.cfg.latent_stride, self.model.cfg.gen.max_latent_size
+        if size % stride:
+            raise UserError(f"data.image_size={size} is not a multiple of {stride} (VAE downsampling x gen.latent_patch_size)")
+        if size // stride > grid:
+            raise UserError(f"data.image_size={size} exceeds the model's latent table ({grid * stride} px at most, gen.max_latent_size)")
+
     def _model_config(self) -> ModelConfig:
         if self.cfg.init:
             cfg = read_model_config(Path(self.cfg.init))
@@ -130,8 +139,8 @@ class Trainer:
         if self.cfg.init:
             model, _ = load_model(self.cfg.init)
             model.cfg.attn_backend = cfg.attn_backend
-            _set_latent_normalisation(model.cfg, self.cfg.model_overrides)
             stages = self._init_stages()
+            _apply_init_overrides(model, self.cfg.model_overrides, gen_trained="gen" in stages)
             if self.cfg.stage == "gen" and "gen" not in stages:
                 self._init_gen(model)
             return model.train()
@@ -197,7 +206,7 @@ class Trainer:
             prompt = self.tokenizer.segment(cfg.data.instruction or REPORT_INSTRUCTION)
             image = decode_gray(row["image"], mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
             return Item(prompt, report, image, mcfg.vision.num_patches + 2 + len(prompt) + len(report))
-        side = cfg.data.image_size // mcfg.vae.downsample
+        side = cfg.data.image_size // mcfg.latent_stride
         n_tokens = len(report) + side * side + 2
         latent = self.latents.get(self.stream.key) if self.latents is not None else None
         if latent is not None and not cfg.repa.encoder:  # REPA's encoder reads the pixels
@@ -246,9 +255,10 @@ class Trainer:
         # With the cache every item has its latent, and pixels only when REPA reads them.
         gray = torch.stack([it.image for it in items]).to(dev) if self.latents is None or self.cfg.repa.encoder else None
         z = torch.stack([it.latent for it in items]) if self.latents is not None else self._encode(gray)
-        h, w = z.shape[-2:]
+        p = mcfg.gen.latent_patch_size
+        h, w = z.shape[-2] // p, z.shape[-1] // p  # the token grid
         repa_targets = self.repa.targets(gray, h, w) if self.repa is not None else None
-        x0 = patchify(z).cpu()  # (n, h*w, C)
+        x0 = patchify(z, p).cpu()  # (n, h*w, p*p*C)
         n = len(items)
         t = sample_t(n, self.cfg.timestep_shift, generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -344,19 +354,33 @@ class Trainer:
         return save_model(self.model, self.out / "final", files, state_dict=model_sd)
 
 
-# The one part of a model config that a stage may change on top of its `init` folder: the latent
-# normalisation belongs to the VAE this stage trains with (a new VAE brings new statistics).
-INIT_OVERRIDABLE = ("vae.scale", "vae.shift")
+# What a stage may change on top of its `init` folder: the latent normalisation belongs to the VAE
+# this stage trains with (a new VAE brings new statistics); the latent patch size and the size of
+# the position table to a generation branch that has not been trained yet (its latent heads and the
+# fixed table are rebuilt).
+INIT_OVERRIDABLE = ("vae.scale", "vae.shift", "gen.latent_patch_size", "gen.max_latent_size")
 
 
-def _set_latent_normalisation(cfg: ModelConfig, overrides: list[str]) -> None:
+def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) -> None:
     keys = [item.partition("=")[0].strip() for item in overrides]
     refused = [k for k in keys if k not in INIT_OVERRIDABLE]
     if refused:
         raise UserError(f"model_overrides: {refused[0]!r} cannot change a model loaded from init "
                         f"(only {', '.join(INIT_OVERRIDABLE)} can)")
-    if overrides:
-        cfg.vae = override_config(cfg, overrides).vae  # the modules keep their config objects
+    if not overrides:
+        return
+    new = override_config(model.cfg, overrides)
+    model.cfg.vae = new.vae  # the modules keep their config objects
+    gen = model.cfg.gen
+    changed = [k for k in ("latent_patch_size", "max_latent_size") if getattr(new.gen, k) != getattr(gen, k)]
+    if changed and gen_trained:
+        raise UserError(f"model_overrides: gen.{changed[0]} cannot change an init whose generation branch is trained")
+    if "latent_patch_size" in changed:
+        gen.latent_patch_size = new.gen.latent_patch_size
+        model.reset_latent_heads()
+    if "max_latent_size" in changed:
+        gen.max_latent_size = new.gen.max_latent_size
+        model.reset_buffers()
 
 
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
