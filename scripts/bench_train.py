@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench_train.py --preset tiny --stage und            # CPU smoke run
     python scripts/bench_train.py --preset unix --stage gen --device cuda --steps 30 \\
         --token-budget 16384 --extra activation_checkpointing=true            # one GPU, random weights
+    .venv/bin/python scripts/bench_train.py --preset phantom --stage gen --token-budget 2048 --steps 60 --warmup 20 \\
+        --extra "model_overrides=[gen.latent_patch_size=2,gen.max_latent_size=8]"  # 2x2 latents a token
 
 Random weights (speed does not depend on them); a random VAE of the preset for generation stages.
 tokens/s is the median over the steps after the first `--warmup`, read from OUT/metrics.jsonl
@@ -78,7 +80,8 @@ def main() -> int:
     result = {"preset": args.preset, "stage": args.stage, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "tokens_per_step": statistics.median(r["tokens"] for r in steady),
               "samples_per_step": statistics.median(r["samples"] for r in steady),
-              "tokens_per_s": tok_s, "trained_params": trained, "achieved_tflops": flops_per_token * tok_s / 1e12}
+              "tokens_per_s": tok_s, "samples_per_s": statistics.median(r["samples"] * r["tokens_per_s"] / r["tokens"] for r in steady),
+              "trained_params": trained, "achieved_tflops": flops_per_token * tok_s / 1e12}
     if torch.cuda.is_available():
         result["mfu"] = result["achieved_tflops"] / args.peak_tflops
     print(json.dumps(result, indent=1))

@@ -25,7 +25,7 @@ IMAGE_SEGMENT = 1 << 20  # segment id of the noisy image block: after every prom
 
 @dataclass
 class ImageSettings:
-    size: int = 512  # output side in pixels (multiple of the VAE downsampling, within the latent table)
+    size: int = 512  # output side in pixels (multiple of the latent stride, VAE downsampling x patch, within the table)
     steps: int = 50  # schedule points; steps - 1 Euler moves (the release's "50 timesteps")
     guidance: float = 2.0  # classifier-free guidance scale w (1.0 = no guidance)
     shift: float = 3.0  # timestep shift s of the sampling schedule
