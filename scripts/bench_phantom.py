@@ -144,7 +144,7 @@ def main() -> int:
     torch.manual_seed(0)
     pipe = load_pipeline(args.weights, device="cpu")
     rows = test_rows(args.data, args.n)
-    size = args.size or pipe.cfg.gen.max_latent_size * pipe.cfg.latent_stride
+    size = args.size or pipe.cfg.max_image_size
     result = {"weights": str(pipe.folder), "data": args.data}
     if "reports" not in args.skip:
         result["reports"] = bench_reports(pipe, rows, args.batch_size)

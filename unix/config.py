@@ -141,6 +141,19 @@ class ModelConfig:
         """Values in one latent token: C x p x p."""
         return self.vae.latent_channels * self.gen.latent_patch_size ** 2
 
+    @property
+    def max_image_size(self) -> int:
+        """The largest image side the latent position table holds, in pixels."""
+        return self.gen.max_latent_size * self.latent_stride
+
+    def token_grid(self, size: int) -> int:
+        """Side of the latent token grid of a size x size image; ValueError when there is none."""
+        if size <= 0 or size % self.latent_stride:
+            raise ValueError(f"size {size} is not a positive multiple of {self.latent_stride}")
+        if size > self.max_image_size:
+            raise ValueError(f"size {size} exceeds the model's latent table ({self.max_image_size} px at most)")
+        return size // self.latent_stride
+
     def __post_init__(self) -> None:
         if self.gen.latent_patch_size < 1:
             raise ConfigError(f"gen.latent_patch_size={self.gen.latent_patch_size} must be at least 1")

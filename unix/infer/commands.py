@@ -153,14 +153,11 @@ def cmd_generate(args) -> int:
         if taken:
             raise UserError(f"{out / (taken[0] + '.png')} exists (use --overwrite or another --out)")
     pipe = _pipeline(args)
-    largest = pipe.cfg.gen.max_latent_size * pipe.cfg.latent_stride
-    size = args.size or min(512, largest)
+    size = args.size or min(512, pipe.cfg.max_image_size)
     settings = pipe.image_settings(size=size, steps=args.steps, guidance=args.guidance, shift=args.shift,
                                    interval=tuple(args.guidance_interval) if args.guidance_interval else None)
     try:
-        from unix.infer.images import latent_grid
-
-        latent_grid(pipe.model, size)
+        pipe.cfg.token_grid(size)
     except ValueError as e:
         raise UserError(f"--size: {e}") from None
     room = pipe.cfg.lm.max_position - 1  # the image block takes one position after the prompt

@@ -32,16 +32,6 @@ class ImageSettings:
     interval: tuple[float, float] = (0.4, 1.0)  # guidance only while the shifted t is in (lo, hi]
 
 
-def latent_grid(model, size: int) -> int:
-    """Side of the token grid of a size x size image."""
-    stride, grid = model.cfg.latent_stride, model.cfg.gen.max_latent_size
-    if size % stride or size <= 0:
-        raise ValueError(f"size {size} is not a positive multiple of {stride}")
-    if size // stride > grid:
-        raise ValueError(f"size {size} exceeds the model's latent table ({grid * stride} px at most)")
-    return size // stride
-
-
 def initial_noise(seeds: list[int], n: int, channels: int) -> torch.Tensor:
     """(B, n, C) noise, each row from its own CPU generator: independent of batch and device."""
     return torch.stack([torch.randn(n, channels, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -63,7 +53,7 @@ def image_block(model, x: torch.Tensor, t: float, h: int, w: int, position: torc
 @torch.no_grad()
 def sample_latents(model, tokenizer: Tokenizer, prompts: list[str], seeds: list[int], settings: ImageSettings = ImageSettings()) -> torch.Tensor:
     """Prompts -> normalised latents (B, C, h, w) (the VAE's grid, p x the token grid)."""
-    h = w = latent_grid(model, settings.size)
+    h = w = model.cfg.token_grid(settings.size)
     n, C, B = h * w, model.cfg.latent_token_dim, len(prompts)
     device = next(model.parameters()).device
     sched = schedule(settings.steps, settings.shift).tolist()
@@ -101,7 +91,7 @@ def sample_latents(model, tokenizer: Tokenizer, prompts: list[str], seeds: list[
 def sample_latents_naive(model, tokenizer: Tokenizer, prompts: list[str], seeds: list[int], settings: ImageSettings = ImageSettings()) -> torch.Tensor:
     """The reference's way: one sample at a time, the prompt recomputed at every step, the
     guidance branches run as separate forwards. Slow on purpose (tests, benchmarks)."""
-    h = w = latent_grid(model, settings.size)
+    h = w = model.cfg.token_grid(settings.size)
     n, C = h * w, model.cfg.latent_token_dim
     device = next(model.parameters()).device
     sched = schedule(settings.steps, settings.shift).tolist()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from unix.errors import UserError
-from unix.infer.images import ImageSettings, latent_grid, sample_latents
+from unix.infer.images import ImageSettings, sample_latents
 from unix.infer.io import letterbox, read_image
 from unix.infer.reports import ReportSettings, generate_report_ids
 from unix.models.vision import normalize_pixels
@@ -136,7 +136,7 @@ class Pipeline:
         for p in prompts:
             if not p.strip():
                 raise UserError("empty prompt")
-        latent_grid(self.model, settings.size)
+        self.cfg.token_grid(settings.size)
         z = sample_latents(self.model, self.tokenizer, prompts, seeds, settings)
         x = self.codec.decode(z.to(self.dtype)).float()  # (B, 3, H, W) in about [-1, 1]
         gray = (x / 2 + 0.5).clamp(0, 1).mean(dim=1)

@@ -88,26 +88,27 @@ class SDPAPlan:
         else:
             self.masks = [[dense_mask(_meta_slice(q, b, qs, qe), _meta_slice(k, b, ks, ke)) for qs, qe, ks, ke in row]
                           for b, row in enumerate(self.blocks)]
+            Lq, Lk = q.sample.shape[1], k.sample.shape[1]
+            self.cuts = [(_cutter([(s, e) for s, e, _, _ in row], Lq), _cutter([(s, e) for _, _, s, e in row], Lk))
+                         for row in self.blocks]
 
     def __call__(self, q, k, v):
         if self.blocks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
         rows = []
-        # split, not slices: a slice's backward writes a zero tensor of the whole row, once per sample
-        for row, masks, qb, kb, vb in zip(self.blocks, self.masks, q.split(1), k.split(1), v.split(1)):
-            qs, ks = _pieces(qb, [(s, e) for s, e, _, _ in row]), _pieces(kb, [(s, e) for _, _, s, e in row])
-            vs = _pieces(vb, [(s, e) for _, _, s, e in row])
+        for masks, (cut_q, cut_k), qb, kb, vb in zip(self.masks, self.cuts, q.split(1), k.split(1), v.split(1)):
             rows.append(torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
-                                   for qi, ki, vi, mask in zip(qs, ks, vs, masks)], dim=2))
+                                   for qi, ki, vi, mask in zip(cut_q(qb), cut_k(kb), cut_k(vb), masks)], dim=2))
         return torch.cat(rows, dim=0)
 
 
-def _pieces(x: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """x[:, :, s:e] for each span: one split when the spans tile dim 2 in order, else slices."""
-    tiled = spans[0][0] == 0 and spans[-1][1] == x.shape[2] and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    if tiled:
-        return list(x.split([e - s for s, e in spans], dim=2))
-    return [x[:, :, s:e] for s, e in spans]
+def _cutter(spans: list[tuple[int, int]], length: int):
+    """x -> [x[:, :, s:e] for each span]: one split when the spans tile the `length` tokens in order
+    (a slice's backward writes a zero tensor of the whole row, once per sample), else slices."""
+    if spans[0][0] == 0 and spans[-1][1] == length and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        sizes = [e - s for s, e in spans]
+        return lambda x: x.split(sizes, dim=2)
+    return lambda x: [x[:, :, s:e] for s, e in spans]
 
 
 def _meta_slice(m: TokenMeta, b: int, start: int, end: int) -> TokenMeta:

@@ -64,8 +64,7 @@ class Trainer:
         self._check_inputs()
         torch.manual_seed(cfg.seed)
         self.model = self._build_model()
-        if cfg.stage == "gen":
-            self._check_image_size()
+        self.token_side = self._token_side() if cfg.stage == "gen" else 0
         self.tokenizer = self._tokenizer()
         self.codec = self._vae() if cfg.stage == "gen" else None
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
@@ -119,12 +118,11 @@ class Trainer:
                 raise UserError(f"out: {self.out} holds a run of stage {prev.get('stage')!r} / model {prev.get('model')!r}; "
                                 f"use another out= to start stage {cfg.stage!r}")
 
-    def _check_image_size(self) -> None:
-        size, stride, grid = self.cfg.data.image_size, self.model.cfg.latent_stride, self.model.cfg.gen.max_latent_size
-        if size % stride:
-            raise UserError(f"data.image_size={size} is not a multiple of {stride} (VAE downsampling x gen.latent_patch_size)")
-        if size // stride > grid:
-            raise UserError(f"data.image_size={size} exceeds the model's latent table ({grid * stride} px at most, gen.max_latent_size)")
+    def _token_side(self) -> int:
+        try:
+            return self.model.cfg.token_grid(self.cfg.data.image_size)
+        except ValueError as e:
+            raise UserError(f"data.image_size: {e} (VAE downsampling x gen.latent_patch_size; gen.max_latent_size)") from None
 
     def _model_config(self) -> ModelConfig:
         if self.cfg.init:
@@ -206,8 +204,7 @@ class Trainer:
             prompt = self.tokenizer.segment(cfg.data.instruction or REPORT_INSTRUCTION)
             image = decode_gray(row["image"], mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
             return Item(prompt, report, image, mcfg.vision.num_patches + 2 + len(prompt) + len(report))
-        side = cfg.data.image_size // mcfg.latent_stride
-        n_tokens = len(report) + side * side + 2
+        n_tokens = len(report) + self.token_side ** 2 + 2
         latent = self.latents.get(self.stream.key) if self.latents is not None else None
         if latent is not None and not cfg.repa.encoder:  # REPA's encoder reads the pixels
             return Item(report, [], None, n_tokens, latent)
