@@ -273,10 +273,41 @@ def test_repa_aligns_and_resumes(data, vae_file, tmp_path):
     # the alignment is learned: the REPA loss falls over a short run
     history = run(cfg_for("gen", tmp_path / "c", data, *extra, "steps=25", "save_every=25", "optim.lr=3e-3"))
     assert sum(h["repa"] for h in history[-3:]) < 0.8 * sum(h["repa"] for h in history[:3])
+    # the model's own tower as the encoder: no other weights needed
+    tower = run(cfg_for("gen", tmp_path / "v", data, f"vae={vae_file}", "repa.encoder=vision", "repa.layer=0"))
+    assert all(0 < h["repa"] < 2 for h in tower)
     with pytest.raises(ConfigError, match="repa"):
         cfg_for("und", tmp_path / "x", data, "repa.encoder=phantom")
     with pytest.raises(UserError, match="repa.encoder"):
         Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}", "repa.encoder=clip"))
+
+
+def test_repa_vision_tower_is_a_frozen_copy_of_the_models():
+    from unix.config import load_model_config
+    from unix.models.unix import UniX
+    from unix.models.vision import normalize_pixels
+    from unix.train.repa import build_encoder, target_tokens
+
+    torch.manual_seed(0)
+    model = UniX(load_model_config("tiny"))
+    vc = model.cfg.vision
+    encoder = build_encoder("vision", "", model)
+    side = vc.image_size // vc.patch_size
+    images = torch.rand(2, 1, vc.image_size, vc.image_size)
+    fmap = encoder(images)
+    assert fmap.shape == (2, vc.width, side, side) and encoder.dim == vc.width
+    with torch.no_grad():
+        tokens = model.vision(normalize_pixels(images, vc))
+    torch.testing.assert_close(fmap[1, :, 1, 0], tokens[1, side])  # raster order: row 1, column 0
+    # gen-stage images (another size) are area-resized to the tower's input
+    big = images.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    torch.testing.assert_close(encoder(big), fmap)
+    assert target_tokens(encoder, big, 2, 2).shape == (8, vc.width)
+    # a copy: training the model (its tower frozen in gen stages anyway) cannot move the targets
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with torch.no_grad():
+        model.vision.patch_embed.proj.weight.add_(1.0)
+    torch.testing.assert_close(encoder(images), fmap)
 
 
 def test_ema_warms_up_and_then_uses_its_decay():

@@ -41,7 +41,7 @@ class OptimConfig:
 
 @dataclass
 class RepaConfig:
-    encoder: str = ""  # "" = off; "raddino" (weights/rad-dino) or "phantom" (weights/phantom-classifier)
+    encoder: str = ""  # "" = off; "raddino" (weights/rad-dino), "phantom" (weights/phantom-classifier), "vision" (the model's tower)
     weight: float = 0.5  # loss = flow MSE + weight x (1 - cos)
     layer: int = -1  # decoder layer (0-based) whose output is aligned; -1 = a third of the way down
     weights_dir: str = "weights"

@@ -8,11 +8,14 @@ is flow MSE + `repa.weight` x loss_repa. The head is trained with the gen branch
 checkpoints (`repa_head.safetensors`) and never exported, so inference weights do not change.
 
 Encoders: "raddino" (weights/rad-dino, its patch tokens) for real X-rays, "phantom" (the shipped
-phantom classifier's stride-8 feature map) for the phantom set.
+phantom classifier's stride-8 feature map) for the phantom set, and "vision": a frozen copy of the
+model's own vision tower (SigLIP in the release, the pre-trained tower in the phantom model), which
+needs no other weights and is not the feature space the phantom evaluation measures in.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -67,13 +70,41 @@ class RadDinoPatches(PatchEncoder):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
 
-ENCODERS = {"phantom": PhantomPatches, "raddino": RadDinoPatches}
+class TowerPatches(PatchEncoder):
+    """The model's vision tower, copied before any sharding so that it runs outside the model; its
+    patch tokens as a (side x side) map. The gen stages decode images with a black letterbox where
+    the und stages use white: only non-square images differ."""
+
+    def __init__(self, tower: nn.Module, cfg):
+        super().__init__()
+        from unix.models.vision import normalize_pixels
+
+        self.net = copy.deepcopy(tower).float().eval().requires_grad_(False)
+        self.cfg, self.normalize = cfg, normalize_pixels
+        self.dim = cfg.width
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        S = self.cfg.image_size
+        if images.shape[-2:] != (S, S):
+            images = F.interpolate(images.float(), size=(S, S), mode="area")
+        tokens = self.net(self.normalize(images, self.cfg))
+        side = S // self.cfg.patch_size
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
 
-def build_encoder(name: str, weights_dir: str) -> PatchEncoder:
-    if name not in ENCODERS:
-        raise UserError(f"repa.encoder: unknown encoder {name!r} ({', '.join(ENCODERS)})")
-    return ENCODERS[name](weights_dir)
+ENCODERS = ("phantom", "raddino", "vision")
+
+
+def build_encoder(name: str, weights_dir: str, model: nn.Module | None = None) -> PatchEncoder:
+    """`model` (a UniX) is needed by "vision" only."""
+    if name == "phantom":
+        return PhantomPatches(weights_dir)
+    if name == "raddino":
+        return RadDinoPatches(weights_dir)
+    if name == "vision":
+        return TowerPatches(model.vision, model.cfg.vision)
+    raise UserError(f"repa.encoder: unknown encoder {name!r} ({', '.join(ENCODERS)})")
 
 
 def target_tokens(encoder: PatchEncoder, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -103,12 +134,13 @@ class Repa:
     """Everything REPA adds to a generation stage: the frozen encoder, the head and its own AdamW.
     The head is small and replicated on every rank; its gradients are averaged across ranks here."""
 
-    def __init__(self, cfg, hidden: int, num_layers: int, optim, device: torch.device):
+    def __init__(self, cfg, model: nn.Module, optim, device: torch.device):
+        hidden, num_layers = model.cfg.lm.hidden_size, model.cfg.lm.num_layers
         self.weight = cfg.weight
         self.layer = cfg.layer if cfg.layer >= 0 else max(0, num_layers // 3 - 1)
         if self.layer >= num_layers:
             raise UserError(f"repa.layer={cfg.layer}: the decoder has {num_layers} layers (0-based)")
-        self.encoder = build_encoder(cfg.encoder, cfg.weights_dir).to(device)
+        self.encoder = build_encoder(cfg.encoder, cfg.weights_dir, model).to(device)
         self.head = RepaHead(hidden, self.encoder.dim).to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0)
         self.grad_clip = optim.grad_clip

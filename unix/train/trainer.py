@@ -76,6 +76,7 @@ class Trainer:
         self.packer = Packer(self.stream, self._item, cfg.data.token_budget, cfg.data.max_samples)
         self.step, state = 0, self._resume_state()
         self.model.to(self.d.device)
+        self.repa = self._repa() if cfg.repa.encoder else None  # before sharding: "vision" copies the tower
         self.model.decoder.checkpointing = cfg.activation_checkpointing
         if self.d.world > 1:
             if cfg.parallel == "fsdp":
@@ -85,7 +86,6 @@ class Trainer:
             self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trained, cfg.optim)
         self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.repa = self._repa() if cfg.repa.encoder else None
         if state is not None:
             self._restore(state)
 
@@ -170,8 +170,7 @@ class Trainer:
     def _repa(self):
         from unix.train.repa import Repa
 
-        lm = self.model.cfg.lm
-        return Repa(self.cfg.repa, lm.hidden_size, lm.num_layers, self.cfg.optim, self.d.device)
+        return Repa(self.cfg.repa, self.model, self.cfg.optim, self.d.device)
 
     def _init_stages(self) -> list[str]:
         path = Path(self.cfg.init) / STAGES_FILE
