@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unix.errors import UserError
+from unix.models.vision import normalize_pixels
 
 
 class PatchEncoder(nn.Module):
@@ -77,34 +78,31 @@ class TowerPatches(PatchEncoder):
 
     def __init__(self, tower: nn.Module, cfg):
         super().__init__()
-        from unix.models.vision import normalize_pixels
-
-        self.net = copy.deepcopy(tower).float().eval().requires_grad_(False)
-        self.cfg, self.normalize = cfg, normalize_pixels
-        self.dim = cfg.width
+        self.net = copy.deepcopy(tower).eval().requires_grad_(False)
+        self.cfg, self.dim = cfg, cfg.width
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         S = self.cfg.image_size
         if images.shape[-2:] != (S, S):
-            images = F.interpolate(images.float(), size=(S, S), mode="area")
-        tokens = self.net(self.normalize(images, self.cfg))
+            images = F.interpolate(images, size=(S, S), mode="area")
+        tokens = self.net(normalize_pixels(images, self.cfg))
         side = S // self.cfg.patch_size
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
 
-ENCODERS = ("phantom", "raddino", "vision")
+# name -> build(weights_dir, model); only "vision" reads the model (a UniX)
+ENCODERS = {
+    "phantom": lambda weights_dir, model: PhantomPatches(weights_dir),
+    "raddino": lambda weights_dir, model: RadDinoPatches(weights_dir),
+    "vision": lambda weights_dir, model: TowerPatches(model.vision, model.cfg.vision),
+}
 
 
 def build_encoder(name: str, weights_dir: str, model: nn.Module | None = None) -> PatchEncoder:
-    """`model` (a UniX) is needed by "vision" only."""
-    if name == "phantom":
-        return PhantomPatches(weights_dir)
-    if name == "raddino":
-        return RadDinoPatches(weights_dir)
-    if name == "vision":
-        return TowerPatches(model.vision, model.cfg.vision)
-    raise UserError(f"repa.encoder: unknown encoder {name!r} ({', '.join(ENCODERS)})")
+    if name not in ENCODERS:
+        raise UserError(f"repa.encoder: unknown encoder {name!r} ({', '.join(ENCODERS)})")
+    return ENCODERS[name](weights_dir, model)
 
 
 def target_tokens(encoder: PatchEncoder, images: torch.Tensor, h: int, w: int) -> torch.Tensor:
