@@ -81,8 +81,15 @@ SMALL = ImageSettings(size=64, steps=6)
 PROMPTS = ["Small left pleural effusion.", "The heart is enlarged and there is no pneumothorax."]
 
 
-def test_sampler_equals_naive_reference(tiny):
+@pytest.mark.parametrize("latent_rope", ["shared", "2d"])
+def test_sampler_equals_naive_reference(tiny, latent_rope):
+    from unix.config import override_config
+
     model, tok = tiny
+    if latent_rope != model.cfg.gen.latent_rope:
+        other = UniX(override_config(model.cfg, [f"gen.latent_rope={latent_rope}"])).eval()
+        other.load_state_dict(model.state_dict())
+        model = other
     fast = sample_latents(model, tok, PROMPTS, [1, 2], SMALL)
     slow = sample_latents_naive(model, tok, PROMPTS, [1, 2], SMALL)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

@@ -160,3 +160,46 @@ def test_init_gen_from_und_copies_every_weight(cfg):
         for (n, pu), (_, pg) in zip(layer.und.named_parameters(), layer.gen.named_parameters()):
             assert torch.equal(pu, pg), n
     assert torch.equal(model.decoder.norm_und.weight, model.decoder.norm_gen.weight)
+
+
+def test_rope_axes_equal_give_the_1d_tables():
+    from unix.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(16)
+    pos = torch.tensor([[0, 3, 7, 7, 40]])
+    cos1, sin1 = rope(pos, torch.float32)
+    cos3, sin3 = rope(pos[..., None].repeat(1, 1, 3), torch.float32)
+    assert torch.equal(cos1, cos3) and torch.equal(sin1, sin3)
+    moved = pos[..., None].repeat(1, 1, 3)
+    moved[0, 2, 1] += 1  # token 2 one row down: only the row axis's frequencies (1, 4, 7) turn
+    cos, _ = rope(moved, torch.float32)
+    changed = (cos[0, 0, 2, :8] != cos1[0, 0, 2, :8]).nonzero().flatten().tolist()
+    assert changed == [1, 4, 7]
+
+
+def test_2d_latent_rope_places_latents_on_the_grid(cfg):
+    from unix.config import override_config
+
+    c2 = override_config(cfg, ["gen.latent_rope=2d"])
+    b = packed(c2, [sample(c2, [7, 8, 9], hw=(2, 3))])
+    pos = make_model(c2).rope_positions(b)[0]
+    assert pos.shape[-1] == 3
+    lat = b.is_gen[0]
+    assert torch.equal(pos[~lat], b.position_ids[0][~lat][:, None].expand(-1, 3))  # text and ViT: (r, r, r)
+    r = b.position_ids[0][lat][0].item()
+    expect = [[r, r + y, r + x] for y in range(2) for x in range(3)]
+    assert pos[lat].tolist() == expect
+
+
+def test_2d_latent_rope_changes_gen_only(cfg):
+    from unix.config import override_config
+
+    shared = make_model(cfg)
+    grid = UniX(override_config(cfg, ["gen.latent_rope=2d"])).eval()
+    grid.load_state_dict(shared.state_dict())
+    b = packed(cfg, [sample(cfg, [10, 11, 12])])
+    with torch.no_grad():
+        a, g = shared(b), grid(b)
+    context = b.meta.mode != int(attention.Mode.NOISE)  # not the noisy image group (its BOI/EOI see latents)
+    assert torch.equal(a.hidden[context], g.hidden[context])  # the context never attends to latents
+    assert (a.velocity - g.velocity).abs().max() > 1e-4

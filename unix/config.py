@@ -106,6 +106,12 @@ class GenConfig:
     timestep_freq_dim: int = 256  # sinusoid width fed to the timestep MLP
     # p x p VAE latents make one token (BAGEL's knob; the release uses 1): p^2 fewer tokens per image
     latent_patch_size: int = 1
+    # RoPE positions of latent tokens. "shared" (the release): every latent token of an image sits
+    # at the image's one position, so only the sin-cos table added at the input says where it is.
+    # "2d": the rotary frequencies are dealt round-robin to (sequence, row, column) axes and a
+    # latent token at (y, x) sits at (r, r + y, r + x), so every layer's attention sees relative
+    # offsets on the grid; text and ViT tokens keep (r, r, r), which is plain 1-D RoPE.
+    latent_rope: Literal["shared", "2d"] = "shared"
 
 
 @dataclass

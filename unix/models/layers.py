@@ -23,7 +23,11 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE tables for arbitrary integer positions (rotate-half layout, HF-LLaMA convention)."""
+    """RoPE tables for arbitrary integer positions (rotate-half layout, HF-LLaMA convention).
+
+    Positions are (B, L), one per token, or (B, L, A): one per axis, frequency i turning with axis
+    i mod A (interleaved, so every axis gets high and low frequencies). Equal axes give exactly
+    the 1-D tables."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
@@ -36,8 +40,13 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, L) -> cos, sin (B, 1, L, Dh), broadcastable over heads."""
-        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # (B, L, Dh/2)
+        """position_ids (B, L) or (B, L, A) -> cos, sin (B, 1, L, Dh), broadcastable over heads."""
+        pos = position_ids.float()
+        if pos.dim() == 3:
+            axis = torch.arange(self.inv_freq.numel(), device=pos.device) % pos.shape[-1]
+            freqs = pos[..., axis] * self.inv_freq.float()  # (B, L, Dh/2): frequency i at its axis
+        else:
+            freqs = pos[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 

@@ -133,6 +133,18 @@ class UniX(nn.Module):
         dtype = self.vae2llm.weight.dtype
         return self.vae2llm(x_t.to(dtype)) + self.time_embedder(t) + self.latent_pos_table[pos].to(dtype)
 
+    def rope_positions(self, batch: PackedBatch) -> torch.Tensor:
+        """(B, L) sequence positions, or with `gen.latent_rope: 2d` (B, L, 3): (r, r + y, r + x) at a
+        latent token at grid cell (y, x) of an image at position r, (r, r, r) elsewhere."""
+        pos = batch.position_ids
+        if self.cfg.gen.latent_rope != "2d" or batch.latent_pos is None:
+            return pos
+        grid = self.cfg.gen.max_latent_size
+        yx = torch.stack([batch.latent_pos // grid, batch.latent_pos % grid], dim=-1)  # token order = is_gen order
+        pos = pos[..., None].repeat(1, 1, 3)
+        pos[..., 1:][batch.is_gen] += yx
+        return pos
+
     # --- forward ----------------------------------------------------------------------------
 
     def forward(
@@ -152,7 +164,7 @@ class UniX(nn.Module):
         keys_meta = batch.meta if past_meta is None else past_meta.cat(batch.meta)
         attend = build_plan(backend, batch.meta, keys_meta)
         route = Route.from_mask(batch.is_gen)
-        hidden, tapped = self.decoder(h, batch.position_ids, route, attend, caches, hidden_at)
+        hidden, tapped = self.decoder(h, self.rope_positions(batch), route, attend, caches, hidden_at)
         logits = self.lm_head(hidden[logits_at]) if logits_at is not None else None
         velocity = self.llm2vae(hidden[batch.is_gen]) if batch.latents is not None else None
         return ModelOutput(logits, velocity, hidden, tapped)
