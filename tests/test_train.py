@@ -110,7 +110,7 @@ def test_init_takes_only_the_new_vaes_latent_normalisation(stage1, data, vae_fil
 def test_latent_patch_size_rebuilds_the_untrained_gen_heads(stage1, data, vae_file, tmp_path):
     init = stage1[0] / "final"
     cfg = cfg_for("gen", tmp_path / "p", data, f"init={init}", f"vae={vae_file}",
-                  "model_overrides=[gen.latent_patch_size=2,gen.max_latent_size=2]")
+                  "model_overrides=[gen.latent_patch_size=2,gen.max_latent_size=2,gen.latent_rope=2d]")
     trainer = Trainer(cfg)
     C = trainer.model.cfg.vae.latent_channels
     assert trainer.model.vae2llm.in_features == 4 * C and trainer.model.llm2vae.out_features == 4 * C
@@ -121,10 +121,10 @@ def test_latent_patch_size_rebuilds_the_untrained_gen_heads(stage1, data, vae_fi
     from unix.infer import load_pipeline
 
     pipe = load_pipeline(tmp_path / "p" / "final", device="cpu")
-    assert (pipe.cfg.gen.latent_patch_size, pipe.cfg.gen.max_latent_size) == (2, 2)
+    assert (pipe.cfg.gen.latent_patch_size, pipe.cfg.gen.max_latent_size, pipe.cfg.gen.latent_rope) == (2, 2, "2d")
     assert pipe.images(["Small effusion."], [0], pipe.image_settings(size=64, steps=3))[0].shape == (64, 64)
     # a trained gen branch keeps its patch size; an image size off the token grid is refused
-    for key in ("gen.latent_patch_size=1", "gen.max_latent_size=4"):
+    for key in ("gen.latent_patch_size=1", "gen.max_latent_size=4", "gen.latent_rope=shared"):
         with pytest.raises(UserError, match=key.partition("=")[0]):
             Trainer(cfg_for("gen", tmp_path / "q", data, f"init={tmp_path / 'p' / 'final'}", f"vae={vae_file}",
                             f"model_overrides=[{key}]"))

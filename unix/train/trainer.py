@@ -353,8 +353,8 @@ class Trainer:
 # What a stage may change on top of its `init` folder: the latent normalisation belongs to the VAE
 # this stage trains with (a new VAE brings new statistics); the latent patch size and the size of
 # the position table to a generation branch that has not been trained yet (its latent heads and the
-# fixed table are rebuilt).
-INIT_OVERRIDABLE = ("vae.scale", "vae.shift", "gen.latent_patch_size", "gen.max_latent_size")
+# fixed table are rebuilt), and so may the latent tokens' RoPE layout (no weights of its own).
+INIT_OVERRIDABLE = ("vae.scale", "vae.shift", "gen.latent_patch_size", "gen.max_latent_size", "gen.latent_rope")
 
 
 def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) -> None:
@@ -368,7 +368,7 @@ def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) 
     new = override_config(model.cfg, overrides)
     model.cfg.vae = new.vae  # the modules keep their config objects
     gen = model.cfg.gen
-    changed = [k for k in ("latent_patch_size", "max_latent_size") if getattr(new.gen, k) != getattr(gen, k)]
+    changed = [k for k in ("latent_patch_size", "max_latent_size", "latent_rope") if getattr(new.gen, k) != getattr(gen, k)]
     if changed and gen_trained:
         raise UserError(f"model_overrides: gen.{changed[0]} cannot change an init whose generation branch is trained")
     if "latent_patch_size" in changed:
@@ -377,6 +377,7 @@ def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) 
     if "max_latent_size" in changed:
         gen.max_latent_size = new.gen.max_latent_size
         model.reset_buffers()
+    gen.latent_rope = new.gen.latent_rope
 
 
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
