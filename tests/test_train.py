@@ -123,7 +123,7 @@ def test_latent_patch_size_rebuilds_the_untrained_gen_heads(stage1, data, vae_fi
     pipe = load_pipeline(tmp_path / "p" / "final", device="cpu")
     assert (pipe.cfg.gen.latent_patch_size, pipe.cfg.gen.max_latent_size, pipe.cfg.gen.latent_rope) == (2, 2, "2d")
     assert pipe.images(["Small effusion."], [0], pipe.image_settings(size=64, steps=3))[0].shape == (64, 64)
-    # a trained gen branch keeps its patch size; an image size off the token grid is refused
+    # a trained gen branch keeps its latent layout (patch size, table, RoPE); an image size off the token grid is refused
     for key in ("gen.latent_patch_size=1", "gen.max_latent_size=4", "gen.latent_rope=shared"):
         with pytest.raises(UserError, match=key.partition("=")[0]):
             Trainer(cfg_for("gen", tmp_path / "q", data, f"init={tmp_path / 'p' / 'final'}", f"vae={vae_file}",

@@ -368,7 +368,8 @@ def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) 
     new = override_config(model.cfg, overrides)
     model.cfg.vae = new.vae  # the modules keep their config objects
     gen = model.cfg.gen
-    changed = [k for k in ("latent_patch_size", "max_latent_size", "latent_rope") if getattr(new.gen, k) != getattr(gen, k)]
+    gen_keys = [k.partition(".")[2] for k in INIT_OVERRIDABLE if k.startswith("gen.")]
+    changed = [k for k in gen_keys if getattr(new.gen, k) != getattr(gen, k)]
     if changed and gen_trained:
         raise UserError(f"model_overrides: gen.{changed[0]} cannot change an init whose generation branch is trained")
     if "latent_patch_size" in changed:
