@@ -5,9 +5,10 @@
 # On a small CPU two independent one-thread processes do about 1.7x the work of one two-thread
 # process (the model's matrices are too small to keep two cores busy), so with PARALLEL=1 (the
 # default) the work runs in two one-thread lanes: stage 0a (VAE) in the background, and stage 0b
-# (vision tower) then stage 1 (reports) in the foreground; stage 2 needs both and runs last as one
-# process with every core. Under torchrun on this CPU, FSDP2's many small gloo collectives cost
-# what the second process gains (docs/BENCHMARKS.md). PARALLEL=0 runs every stage in order.
+# (vision tower) then stage 1 (reports) in the foreground; stage 2 needs both and runs last, beside
+# stage 0c (the VAE decoder's fine-tune), one thread each. Under torchrun on this CPU, FSDP2's many
+# small gloo collectives cost what the second process gains (docs/BENCHMARKS.md). PARALLEL=0 runs
+# every stage in order, each with every core.
 # The result is copied to weights/phantom-tiny only when COPY=1 (the default), after every stage ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,8 @@ VISION_STEPS=${VISION_STEPS:-8000}
 VISION_POOL=${VISION_POOL:-meanmax}  # the label probe reads the mean and the max over patches
 S1_STEPS=${S1_STEPS:-4800}  # packed rows of 1,024 tokens (~7 images)
 S2_STEPS=${S2_STEPS:-4800}  # packed rows of 2,048 tokens (7 images)
+DEC_STEPS=${DEC_STEPS:-1200}    # stage 0c: decoder-only fine-tune on noisy latents (batches of 8), beside stage 2
+DEC_NOISE=${DEC_NOISE:-2}       # its largest latent noise std (0 with DEC_STEPS=0 skips stage 0c)
 GUIDANCE=${GUIDANCE:-3}        # written to the model's sampling.json: unix generate's default for it
 PARALLEL=${PARALLEL:-1}
 COPY=${COPY:-1}
@@ -61,10 +64,40 @@ fi
 SCALE=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['scale'])")
 SHIFT=$(python3 -c "import json;print(json.load(open('$WORK/vae/vae.json'))['shift'])")
 
+# stage 0c: the VAE's decoder fine-tuned alone to return clean images from noisy latents (the encoder,
+# and so the latents stage 2 learns, stay as they are): a generator's samples lie a little off the
+# real latents, and the plain decoder draws such errors as stripes the classifier reads as findings.
+# It needs only stage 0a, so with PARALLEL=1 it runs beside stage 2 (one thread each: stage 2's
+# small matrices gain little from a second thread).
+train_decoder() {
+  [ -f "$WORK/vae_decoder/model.safetensors" ] || $UNIX train-vae --shards "$WORK/data" --out "$WORK/vae_decoder" \
+    --preset "$PRESET" --init "$WORK/vae" --decoder-only --latent-noise "$DEC_NOISE" --steps "$DEC_STEPS" --batch-size 8 \
+    --lr 2e-4 --seed 0
+}
+S2_THREADS=$THREADS
+if [ "$DEC_STEPS" -gt 0 ] && [ "$PARALLEL" = 1 ]; then
+  echo "stage 0c (VAE decoder) runs in the background; its progress: $WORK/vae_decoder.log"
+  OMP_NUM_THREADS=1 train_decoder > "$WORK/vae_decoder.log" 2>&1 &
+  DEC_PID=$!
+  trap 'kill "$DEC_PID" 2>/dev/null || true' EXIT
+  S2_THREADS=1
+elif [ "$DEC_STEPS" -gt 0 ]; then
+  OMP_NUM_THREADS=$THREADS train_decoder
+fi
+
 # stage 2: generation at 256 px from stage 1 (gen from its random init, as the config says), understanding frozen; the
 # latent normalisation of the new VAE goes into the model config here
-OMP_NUM_THREADS=$THREADS $UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
+OMP_NUM_THREADS=$S2_THREADS $UNIX train configs/train/phantom_stage2.yaml data.shards="$WORK/data" out="$WORK/stage2" steps="$S2_STEPS" \
   init="$WORK/stage1/final" vae="$WORK/vae/model.safetensors" "model_overrides=[vae.scale=$SCALE,vae.shift=$SHIFT]"
+
+# the exported model takes the fine-tuned decoder (same encoder, so the same latents)
+if [ "$DEC_STEPS" -gt 0 ]; then
+  if [ "$PARALLEL" = 1 ]; then
+    wait "$DEC_PID" || { echo "stage 0c (VAE decoder) failed: see $WORK/vae_decoder.log" >&2; exit 1; }
+  fi
+  cp "$WORK/vae_decoder/model.safetensors" "$WORK/stage2/final/vae/.model.safetensors.new"
+  mv "$WORK/stage2/final/vae/.model.safetensors.new" "$WORK/stage2/final/vae/model.safetensors"
+fi
 
 # the guidance scale this model follows its prompt best at (docs/BENCHMARKS.md): unix generate's
 # default for it (a --guidance flag still wins)

@@ -195,10 +195,34 @@ def test_vae_stage0_writes_a_loadable_vae(data, tmp_path):
     assert main(["train-vae", "--shards", str(data), "--out", str(out), "--steps", "3", "--image-size", "64", "--batch-size", "2"]) == 0
     stats = json.loads((out / "vae.json").read_text())
     assert stats["scale"] > 0
+    assert len(stats["channel_scale"]) == len(stats["channel_shift"]) == 4 and min(stats["channel_scale"]) > 0
     codec = load_ldm_vae(out / "model.safetensors", load_model_config("tiny").vae)
     assert codec.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 4, 4)
     assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "70"]) == 2
     assert main(["train-vae", "--shards", str(data), "--out", str(out), "--image-size", "64", "--crop", "80"]) == 2
+
+
+def test_vae_decoder_fine_tune_keeps_the_encoder_and_its_statistics(data, tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "vae", tmp_path / "vae_dec"
+    common = ["--shards", str(data), "--image-size", "64", "--batch-size", "2"]
+    assert main(["train-vae", "--out", str(first), "--steps", "2", *common]) == 0
+    assert main(["train-vae", "--out", str(second), "--steps", "2", "--lr", "1e-2", "--init", str(first), "--decoder-only",
+                 "--latent-noise", "2", *common]) == 0
+    before, after = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    stats, init_stats = json.loads((second / "vae.json").read_text()), json.loads((first / "vae.json").read_text())
+    assert (stats["scale"], stats["shift"], stats["latent_noise"]) == (init_stats["scale"], init_stats["shift"], 2.0)
+    # misuse is refused before any training, naming the flag
+    assert main(["train-vae", "--out", str(tmp_path / "x"), "--decoder-only", *common]) == 2
+    assert main(["train-vae", "--out", str(tmp_path / "x"), "--latent-noise", "1", *common]) == 2
+    assert main(["train-vae", "--out", str(first), "--init", str(first), "--decoder-only", *common]) == 2
+    assert main(["train-vae", "--out", str(tmp_path / "x"), "--init", str(tmp_path), "--decoder-only", *common]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_vae_trains_on_crops(monkeypatch, data, tmp_path):

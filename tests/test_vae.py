@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unix.config import VAEConfig, load_model_config
+from unix.config import ConfigError, VAEConfig, load_model_config
 from unix.errors import UserError
 from unix.models.vae import (
     RELEASED_LATENT_SCALE,
@@ -294,6 +294,23 @@ def test_latent_normalisation_round_trip():
     # The config defaults and the released preset carry the released constants.
     for cfg in (VAEConfig(), load_model_config("unix").vae):
         assert (cfg.scale, cfg.shift) == (RELEASED_LATENT_SCALE, RELEASED_LATENT_SHIFT)
+
+
+def test_per_channel_standardisation_round_trip_and_checks():
+    cfg = load_model_config("tiny", ["vae.channel_scale=[2.0,0.5,1.0,4.0]", "vae.channel_shift=[0.1,-0.2,0.0,0.3]"]).vae
+    codec = LatentCodec(build_vae(cfg), cfg)
+    z = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    scaled = RELEASED_LATENT_SCALE * (z - RELEASED_LATENT_SHIFT)
+    expected = torch.tensor([2.0, 0.5, 1.0, 4.0], dtype=torch.float64)[:, None, None] * (
+        scaled - torch.tensor([0.1, -0.2, 0.0, 0.3], dtype=torch.float64)[:, None, None])
+    torch.testing.assert_close(codec.normalize(z), expected)
+    torch.testing.assert_close(codec.denormalize(codec.normalize(z)), z)
+    with pytest.raises(ConfigError, match="vae.channel_scale has 3 values; vae.latent_channels is 4"):
+        load_model_config("tiny", ["vae.channel_scale=[1.0,1.0,1.0]", "vae.channel_shift=[0.0,0.0,0.0]"])
+    with pytest.raises(ConfigError, match="give both or neither"):
+        load_model_config("tiny", ["vae.channel_scale=[1.0,1.0,1.0,1.0]"])
+    with pytest.raises(ConfigError, match="must be positive"):
+        load_model_config("tiny", ["vae.channel_scale=[1.0,0.0,1.0,1.0]", "vae.channel_shift=[0.0,0.0,0.0,0.0]"])
 
 
 def test_patchify_matches_reference_einsum():

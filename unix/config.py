@@ -92,6 +92,12 @@ class VAEConfig:
     # z' = scale * (z - shift): the released VAE's latent normalisation.
     scale: float = 0.238092
     shift: float = -0.201906
+    # Optional per-channel standardisation on top (EDM2-style; the release has none): z'_c is
+    # further mapped to channel_scale[c] * (z'_c - channel_shift[c]). A small VAE's channels can
+    # differ 10x in spread, and under one scale the quiet ones drown in the flow's unit noise
+    # until the last steps. Empty lists (the default) leave z' as it is.
+    channel_scale: list[float] = field(default_factory=list)
+    channel_shift: list[float] = field(default_factory=list)
 
     @property
     def downsample(self) -> int:
@@ -161,6 +167,15 @@ class ModelConfig:
         return size // self.latent_stride
 
     def __post_init__(self) -> None:
+        v = self.vae
+        for name in ("channel_scale", "channel_shift"):
+            values = getattr(v, name)
+            if values and len(values) != v.latent_channels:
+                raise ConfigError(f"vae.{name} has {len(values)} values; vae.latent_channels is {v.latent_channels}")
+        if bool(v.channel_scale) != bool(v.channel_shift):
+            raise ConfigError("vae.channel_scale and vae.channel_shift go together: give both or neither")
+        if any(c <= 0 for c in v.channel_scale):
+            raise ConfigError("vae.channel_scale values must be positive")
         if self.gen.latent_patch_size < 1:
             raise ConfigError(f"gen.latent_patch_size={self.gen.latent_patch_size} must be at least 1")
         for name, tok in dataclasses.asdict(self.tokens).items():

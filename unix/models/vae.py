@@ -87,12 +87,26 @@ class LatentCodec(nn.Module):
 
     # -- latent normalisation ---------------------------------------------------------------
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw posterior latent z -> z' = scale * (z - shift) (roughly unit variance)."""
-        return self.cfg.scale * (z - self.cfg.shift)
+        """Raw posterior latent z -> z' = scale * (z - shift) (roughly unit variance), then the
+        optional per-channel standardisation (`vae.channel_scale` / `vae.channel_shift`)."""
+        z = self.cfg.scale * (z - self.cfg.shift)
+        if self.cfg.channel_scale:
+            a, b = self._channel_affine(z)
+            z = a * (z - b)
+        return z
 
     def denormalize(self, z_norm: torch.Tensor) -> torch.Tensor:
-        """z' -> raw latent z = z' / scale + shift, the exact inverse of `normalize`."""
+        """z' -> raw latent z, the exact inverse of `normalize`."""
+        if self.cfg.channel_scale:
+            a, b = self._channel_affine(z_norm)
+            z_norm = z_norm / a + b
         return z_norm / self.cfg.scale + self.cfg.shift
+
+    def _channel_affine(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channel_scale, channel_shift) shaped (C, 1, 1) for (B, C, h, w) latents."""
+        def col(values):
+            return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+        return col(self.cfg.channel_scale), col(self.cfg.channel_shift)
 
     # -- pixels <-> latents -----------------------------------------------------------------
     @torch.no_grad()

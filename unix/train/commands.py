@@ -23,6 +23,14 @@ def register(subparsers) -> None:
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="weight of an L1 on neighbouring-pixel differences beside the plain L1, meant for thin lines "
                         "(on the phantom set it sharpened the ribs but read worse: docs/BENCHMARKS.md; default 0)")
+    p.add_argument("--init", default="", metavar="DIR",
+                   help="start from this train-vae output folder (model.safetensors + vae.json)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune the decoder of --init alone: the encoder, its latents and their statistics stay")
+    p.add_argument("--latent-noise", type=float, default=0.0, metavar="STD",
+                   help="with --decoder-only: the decoder reads the normalised latents plus noise of std up to STD "
+                        "(uniform per image) and must return the clean image, so a generator's off-manifold samples "
+                        "decode cleanly (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_train_vae)
 
@@ -60,8 +68,11 @@ def cmd_train_vae(args) -> int:
         raise UserError(f"--edge-weight {args.edge_weight} must be >= 0")
     if args.crop % 16 or not 0 <= args.crop <= args.image_size:
         raise UserError(f"--crop {args.crop} must be a multiple of 16 between 0 and --image-size ({args.image_size})")
+    if args.latent_noise < 0:
+        raise UserError(f"--latent-noise {args.latent_noise} must be >= 0")
     stats = train_vae(VAETrainSettings(args.shards, args.out, args.preset, args.steps, args.batch_size, args.image_size, args.lr,
-                                       seed=args.seed, crop=args.crop, edge_weight=args.edge_weight))
+                                       seed=args.seed, crop=args.crop, edge_weight=args.edge_weight, init=args.init,
+                                       decoder_only=args.decoder_only, latent_noise=args.latent_noise))
     print(f"vae.scale={stats['scale']:.6f} vae.shift={stats['shift']:.6f} (final L1 {stats['l1']:.4f})")
     return 0
 

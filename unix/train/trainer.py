@@ -354,7 +354,7 @@ class Trainer:
 # this stage trains with (a new VAE brings new statistics); the latent patch size and the size of
 # the position table to a generation branch that has not been trained yet (its latent heads and the
 # fixed table are rebuilt), and so may the latent tokens' RoPE layout (no weights of its own).
-INIT_OVERRIDABLE = ("vae.scale", "vae.shift", "gen.latent_patch_size", "gen.max_latent_size", "gen.latent_rope")
+INIT_OVERRIDABLE = ("vae.scale", "vae.shift", "vae.channel_scale", "vae.channel_shift", "gen.latent_patch_size", "gen.max_latent_size", "gen.latent_rope")
 
 
 def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) -> None:
