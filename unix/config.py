@@ -99,6 +99,16 @@ class VAEConfig:
     channel_scale: list[float] = field(default_factory=list)
     channel_shift: list[float] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for name in ("channel_scale", "channel_shift"):
+            values = getattr(self, name)
+            if values and len(values) != self.latent_channels:
+                raise ConfigError(f"vae.{name} has {len(values)} values; vae.latent_channels is {self.latent_channels}")
+        if bool(self.channel_scale) != bool(self.channel_shift):
+            raise ConfigError("vae.channel_scale and vae.channel_shift go together: give both or neither")
+        if any(c <= 0 for c in self.channel_scale):
+            raise ConfigError("vae.channel_scale values must be positive")
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
@@ -167,15 +177,6 @@ class ModelConfig:
         return size // self.latent_stride
 
     def __post_init__(self) -> None:
-        v = self.vae
-        for name in ("channel_scale", "channel_shift"):
-            values = getattr(v, name)
-            if values and len(values) != v.latent_channels:
-                raise ConfigError(f"vae.{name} has {len(values)} values; vae.latent_channels is {v.latent_channels}")
-        if bool(v.channel_scale) != bool(v.channel_shift):
-            raise ConfigError("vae.channel_scale and vae.channel_shift go together: give both or neither")
-        if any(c <= 0 for c in v.channel_scale):
-            raise ConfigError("vae.channel_scale values must be positive")
         if self.gen.latent_patch_size < 1:
             raise ConfigError(f"gen.latent_patch_size={self.gen.latent_patch_size} must be at least 1")
         for name, tok in dataclasses.asdict(self.tokens).items():

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +85,7 @@ def _start(s: VAETrainSettings, cfg: VAEConfig):
     return vae, {**stats, "scale": scale, "shift": shift}
 
 
-def _latent_stats(vae, images: torch.Tensor) -> dict:
+def _latent_stats(vae, images: list[torch.Tensor]) -> dict:
     with torch.no_grad():
         z = torch.cat([vae.encode(x).latent_dist.mean for x in images])
     stats = {"shift": float(z.mean()), "scale": float(1.0 / z.std())}
@@ -131,7 +129,8 @@ def train_vae(s: VAETrainSettings) -> dict:
             imgs = [im[:, y:y + crop, x:x + crop] for im, (y, x) in zip(imgs, at)]
         return (torch.stack(imgs).expand(-1, 3, -1, -1) * 2 - 1).contiguous(memory_format=torch.channels_last)
 
-    def noisy_latents(x: torch.Tensor) -> torch.Tensor:
+    def decoder_input(x: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's latents of x, plus the noise of `latent_noise`."""
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             if s.latent_noise:
@@ -144,7 +143,7 @@ def train_vae(s: VAETrainSettings) -> dict:
     for _ in bar:
         x = batch(s.crop)
         if s.decoder_only:
-            rec = vae.decode(noisy_latents(x)).sample
+            rec = vae.decode(decoder_input(x)).sample
             loss = l1 = (rec - x).abs().mean()
         else:
             post = vae.encode(x).latent_dist
@@ -167,9 +166,7 @@ def train_vae(s: VAETrainSettings) -> dict:
         stats.update(decoder_from=str(s.init), latent_noise=s.latent_noise)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:  # written whole, then renamed into place
-        save_vae_safetensors(LatentCodec(vae, cfg), Path(tmp) / "model.safetensors")
-        os.replace(Path(tmp) / "model.safetensors", out / "model.safetensors")
+    save_vae_safetensors(LatentCodec(vae, cfg), out / "model.safetensors")
     atomic_write(out / "vae.json", json.dumps(stats, indent=1))
     log.info("latent normalisation: vae.scale=%.6f vae.shift=%.6f", stats["scale"], stats["shift"])
     return stats

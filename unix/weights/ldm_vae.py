@@ -184,8 +184,11 @@ def load_ldm_vae(path: str | Path, cfg: VAEConfig, dtype: torch.dtype = torch.fl
 
 
 def save_vae_safetensors(codec: LatentCodec, path: str | Path) -> None:
-    """Write the VAE back in the LDM layout as `.safetensors` (loads again with `load_ldm_vae`)."""
-    from safetensors.torch import save_file
+    """Write the VAE back in the LDM layout as `.safetensors` (loads again with `load_ldm_vae`),
+    atomically: a reader never sees half a file."""
+    from safetensors.torch import save
+
+    from unix.infer.io import atomic_write
 
     n = len(codec.cfg.block_out_channels)
     out = {}
@@ -193,4 +196,4 @@ def save_vae_safetensors(codec: LatentCodec, path: str | Path) -> None:
         if _ATTN_LINEAR.search(name):
             t = t[:, :, None, None]  # linear [C, C] -> 1x1 conv [C, C, 1, 1], as LDM stores it
         out[ldm_name(name, n)] = t.detach().contiguous()
-    save_file(out, str(path))
+    atomic_write(path, save(out))
