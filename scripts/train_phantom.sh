@@ -24,7 +24,7 @@ S1_STEPS=${S1_STEPS:-4800}  # packed rows of 1,024 tokens (~7 images)
 S2_STEPS=${S2_STEPS:-4800}  # packed rows of 2,048 tokens (7 images)
 DEC_STEPS=${DEC_STEPS:-1200}    # stage 0c: decoder-only fine-tune on noisy latents (batches of 8), beside stage 2
 DEC_NOISE=${DEC_NOISE:-2}       # its largest latent noise std (0 with DEC_STEPS=0 skips stage 0c)
-GUIDANCE=${GUIDANCE:-3}        # written to the model's sampling.json: unix generate's default for it
+GUIDANCE=${GUIDANCE:-4}        # written to the model's sampling.json: unix generate's default for it
 PARALLEL=${PARALLEL:-1}
 COPY=${COPY:-1}
 THREADS=${OMP_NUM_THREADS:-$(nproc)}
