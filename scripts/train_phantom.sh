@@ -21,7 +21,7 @@ VAE_CROP=${VAE_CROP:-0}          # >0: train on random windows of this size (che
 VISION_STEPS=${VISION_STEPS:-8000}
 VISION_POOL=${VISION_POOL:-meanmax}  # the label probe reads the mean and the max over patches
 S1_STEPS=${S1_STEPS:-4800}  # packed rows of 1,024 tokens (~7 images)
-S2_STEPS=${S2_STEPS:-4800}  # packed rows of 2,048 tokens (7 images)
+S2_STEPS=${S2_STEPS:-4800}  # packed rows of 2,048 tokens (~20 images at 2x2 latents a token); more steps draw better (docs/BENCHMARKS.md)
 DEC_STEPS=${DEC_STEPS:-1200}    # stage 0c: decoder-only fine-tune on noisy latents (batches of 8), beside stage 2
 DEC_NOISE=${DEC_NOISE:-2}       # its largest latent noise std (0 with DEC_STEPS=0 skips stage 0c)
 GUIDANCE=${GUIDANCE:-4}        # written to the model's sampling.json: unix generate's default for it
