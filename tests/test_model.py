@@ -121,6 +121,53 @@ def test_frozen_und_gets_no_gradient(cfg):
     assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in gen)
 
 
+def _edit_sample(cfg, seed=2):
+    """Text, a clean latent image (an edit's source), text, then the noisy latents."""
+    g = torch.Generator().manual_seed(seed)
+    C = cfg.vae.latent_channels
+    return [Text([cfg.tokens.bos, 20, 21]), LatentImage(torch.randn(4, C, generator=g), 2, 2, noisy=False),
+            Text([22, 23]), LatentImage(torch.randn(4, C, generator=g), 2, 2, t=0.4)]
+
+
+def test_frozen_und_constants_are_the_tokens_no_gen_token_reaches(cfg):
+    model = make_model(cfg).train()
+    batch = packed(cfg, [sample(cfg, [10, 11]), _edit_sample(cfg)])
+    assert model._und_constants(batch) is None  # und trains: nothing is constant
+    model.set_trainable(und=False, gen=True)
+    const = model._und_constants(batch)[0].tolist()
+    n_vit = cfg.vision.num_patches
+    first = 1 + n_vit + 1 + 4  # BOI, ViT, EOI, then bos 10 11 eos
+    assert const[:first] == [True] * first
+    assert const[first:first + 18] == [False] * 18  # BOI, 16 noisy latents, EOI
+    edit = const[first + 18:]
+    # text of 3, then BOI / 4 clean latents / EOI, text of 2, BOI / 4 noisy / EOI
+    assert edit == [True] * 3 + [False] * (6 + 2 + 6)
+
+
+def test_frozen_und_tokens_skip_autograd_with_the_same_gen_gradients(cfg, monkeypatch):
+    batch = packed(cfg, [sample(cfg, [10, 11]), sample(cfg, [13], latent_seed=1), _edit_sample(cfg)])
+
+    def gen_grads_and_rows():
+        model = make_model(cfg).train()
+        model.set_trainable(und=False, gen=True)
+        rows = []
+        model.decoder.layers[-1].und.q_proj.register_forward_hook(
+            lambda m, args, out: rows.append((out.shape[0], out.requires_grad)))
+        model(batch).velocity.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return grads, sum(n for n, live in rows if live), sum(n for n, _ in rows)
+
+    fast, live_fast, total = gen_grads_and_rows()
+    monkeypatch.setattr(UniX, "_und_constants", lambda self, batch: None)
+    full, live_full, _ = gen_grads_and_rows()
+    assert fast.keys() == full.keys() and fast
+    for n in fast:
+        torch.testing.assert_close(fast[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
+    und_tokens = int((~batch.is_gen).sum())
+    assert live_full == total == und_tokens  # without: every und token is in the graph
+    assert live_fast == 2 + 2 + (2 + 2 + 2)  # with: the BOI/EOI of every latent image, and the text after a clean one
+
+
 def test_packed_samples_do_not_interact(cfg):
     model = make_model(cfg)
     a, b = sample(cfg, [10, 11]), sample(cfg, [20, 21, 22], latent_seed=3)

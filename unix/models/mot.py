@@ -44,28 +44,44 @@ class Branch(nn.Module):
 
 @dataclass
 class Route:
-    """Which tokens of a (B, L) sequence use the gen weights; index lists computed once per forward."""
+    """Which tokens of a (B, L) sequence use the gen weights; index lists computed once per forward.
+
+    `const_idx`, when given, splits the und tokens: those in it see no gen token, directly or
+    through another token, so with the und branch frozen nothing trainable reaches them and they
+    are computed without autograd (a generation stage then spends no backward on the prompt)."""
 
     is_gen: torch.Tensor  # (B, L) bool
-    und_idx: torch.Tensor  # flat indices into B*L
+    und_idx: torch.Tensor  # flat indices into B*L (all und tokens, or the live ones when const_idx is set)
     gen_idx: torch.Tensor
+    const_idx: torch.Tensor | None = None
 
     @classmethod
-    def from_mask(cls, is_gen: torch.Tensor) -> "Route":
+    def from_mask(cls, is_gen: torch.Tensor, const: torch.Tensor | None = None) -> "Route":
         flat = is_gen.flatten()
-        return cls(is_gen, torch.nonzero(~flat).flatten(), torch.nonzero(flat).flatten())
+        if const is None or not bool(const.any()):
+            return cls(is_gen, torch.nonzero(~flat).flatten(), torch.nonzero(flat).flatten())
+        const = const.flatten() & ~flat
+        return cls(is_gen, torch.nonzero(~flat & ~const).flatten(), torch.nonzero(flat).flatten(),
+                   torch.nonzero(const).flatten())
 
 
-def _by_branch(route: Route, x: torch.Tensor, und_fn, gen_fn, out_dim: int | None = None):
+def _by_branch(route: Route, x: torch.Tensor, und_fn, gen_fn):
     """Apply und_fn to und tokens and gen_fn to gen tokens of flat x (B*L, ...); results scattered back."""
-    if len(route.gen_idx) == 0:
-        return und_fn(x)
-    if len(route.und_idx) == 0:
-        return gen_fn(x)
-    y_und, y_gen = und_fn(x[route.und_idx]), gen_fn(x[route.gen_idx])
-    out = y_und.new_empty((x.shape[0],) + tuple(y_und.shape[1:]))
-    out[route.und_idx] = y_und
-    out[route.gen_idx] = y_gen
+    const = route.const_idx
+    if const is None:
+        if len(route.gen_idx) == 0:
+            return und_fn(x)
+        if len(route.und_idx) == 0:
+            return gen_fn(x)
+    parts = [(route.und_idx, und_fn), (route.gen_idx, gen_fn)]
+    ys = [(idx, fn(x[idx])) for idx, fn in parts if len(idx)]
+    if const is not None:
+        with torch.no_grad():
+            ys.append((const, und_fn(x[const])))
+    y0 = ys[0][1]
+    out = y0.new_empty((x.shape[0],) + tuple(y0.shape[1:]))
+    for idx, y in ys:
+        out[idx] = y
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from unix.config import ModelConfig
-from unix.models.attention import TokenMeta, build_plan, resolve_backend
+from unix.models.attention import Mode, TokenMeta, build_plan, resolve_backend
 from unix.models.embeddings import TimestepEmbedder, sincos_2d_table
 from unix.models.mot import MoTDecoder, Route
 from unix.models.sequence import Kind, PackedBatch
@@ -163,11 +163,34 @@ class UniX(nn.Module):
         backend = resolve_backend(backend or self.cfg.attn_backend, h.device)
         keys_meta = batch.meta if past_meta is None else past_meta.cat(batch.meta)
         attend = build_plan(backend, batch.meta, keys_meta)
-        route = Route.from_mask(batch.is_gen)
+        const = self._und_constants(batch) if self.training and torch.is_grad_enabled() and caches is None else None
+        route = Route.from_mask(batch.is_gen, const)
         hidden, tapped = self.decoder(h, self.rope_positions(batch), route, attend, caches, hidden_at)
         logits = self.lm_head(hidden[logits_at]) if logits_at is not None else None
         velocity = self.llm2vae(hidden[batch.is_gen]) if batch.latents is not None else None
         return ModelOutput(logits, velocity, hidden, tapped)
+
+    def _und_constants(self, batch: PackedBatch) -> torch.Tensor | None:
+        """(B, L) bool: und tokens that no gradient can reach, when nothing on the und side trains.
+
+        A token's hidden states depend on the tokens it sees (`attention.visible`): every earlier
+        segment of its sample except noisy latents, and its own segment. So an und token outside a
+        noisy segment, before its sample's first clean latent segment, sees no gen token, directly
+        or through another; with und, vision and connector frozen its forward is a constant."""
+        if batch.latents is None or any(p.requires_grad for p in self.und_parameters()):
+            return None
+        meta, is_gen = batch.meta, batch.is_gen
+        noisy = meta.mode == int(Mode.NOISE)
+        clean_gen = is_gen & ~noisy
+        if not bool(clean_gen.any()):
+            return ~is_gen & ~noisy
+        # per row and sample: the first segment holding a clean latent (samples are ids >= 0; pads -1)
+        ids = meta.sample + 1
+        big = int(meta.segment.max()) + 1
+        first = torch.full((ids.shape[0], int(ids.max()) + 1), big, dtype=meta.segment.dtype, device=ids.device)
+        seg = torch.where(clean_gen, meta.segment, torch.full_like(meta.segment, big))
+        first = first.scatter_reduce(1, ids, seg, reduce="amin")
+        return ~is_gen & ~noisy & (meta.segment < first.gather(1, ids))
 
 
 def random_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, std: float = 0.02) -> UniX:
