@@ -96,6 +96,19 @@ def test_gen_stage_freezes_und_bitwise(stage1, data, vae_file, tmp_path):
     assert (tmp_path / "g" / "final" / "vae" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stage", ["und", "gen"])
+def test_activation_checkpointing_gives_the_same_steps(stage, stage1, data, vae_file, tmp_path, monkeypatch):
+    extra = [f"init={stage1[0] / 'final'}", f"vae={vae_file}", "gen_init_from=''"] if stage == "gen" else []
+    plain = run(cfg_for(stage, tmp_path / "plain", data, "steps=3", *extra))
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    saved = run(cfg_for(stage, tmp_path / "ckpt", data, "steps=3", "activation_checkpointing=true", *extra))
+    assert len(calls) == 3 * 2  # every layer of the tiny preset's 2, every step
+    assert [h["loss"] for h in saved] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
+    assert [h["grad_norm"] for h in saved] == pytest.approx([h["grad_norm"] for h in plain], rel=1e-4)
+
+
 def test_init_takes_only_the_new_vaes_latent_normalisation(stage1, data, vae_file, tmp_path):
     init = stage1[0] / "final"
     cfg = cfg_for("gen", tmp_path / "n", data, f"init={init}", f"vae={vae_file}", "steps=1",
