@@ -15,5 +15,8 @@
 #   torchrun --standalone --nproc_per_node=2 -m unix.train configs/train/phantom_stage1.yaml steps=10
 set -euo pipefail
 CONFIG=${1:?usage: scripts/train.sh CONFIG.yaml [key=value ...]}; shift
-NPROC=${NPROC:-$(python3 -c "import torch;print(max(1, torch.cuda.device_count()))")}
-exec torchrun --standalone --nproc_per_node="$NPROC" -m unix.train "$CONFIG" "$@"
+# the project's environment when it is there (bash install.sh), else whatever python is on PATH
+BIN=$(cd "$(dirname "$0")/.." && pwd)/.venv/bin
+PY=python3; [ -x "$BIN/python" ] && PY="$BIN/python"
+NPROC=${NPROC:-$("$PY" -c "import torch;print(max(1, torch.cuda.device_count()))")}
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m unix.train "$CONFIG" "$@"

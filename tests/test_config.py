@@ -21,7 +21,7 @@ def test_overrides_and_types():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("lm.num_layerz=3", "num_layerz"),
+        ("lm.num_layerz=3", "unknown key 'lm.num_layerz'"),
         ("attn_backend=xformers", "attn_backend"),
         ("lm.hidden_size=hello", "lm.hidden_size"),
         ("lm.head_dim=15", r"num_heads\*head_dim"),
@@ -42,3 +42,12 @@ def test_unknown_key_in_a_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(ModelConfig, [tmp_path / "missing.yaml"])
     assert preset_path("model", "x.yaml").name == "x.yaml"
+
+
+def test_an_empty_string_value_means_empty(tmp_path):
+    from unix.train.config import load_train_config
+
+    path = tmp_path / "t.yaml"
+    path.write_text("stage: gen\ninit: some/folder\n")
+    cfg = load_train_config(path, ["init=", "repa.encoder="])  # OmegaConf reads `key=` as null
+    assert cfg.init == "" and cfg.repa.encoder == ""

@@ -164,9 +164,46 @@ def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
         cfg_for("und", tmp_path / "x", data, "stage=pretrain")
     with pytest.raises(UserError, match="vae"):
         Trainer(cfg_for("gen", tmp_path / "x", data))
+    with pytest.raises(UserError, match="holds no 'trian-"):
+        Trainer(cfg_for("und", tmp_path / "x", data, "data.split=trian"))
+    with pytest.raises(UserError, match="logger=wandb needs the wandb package"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here")
+        Trainer(cfg_for("und", tmp_path / "x", data, "logger=wandb"))
     run(cfg_for("und", tmp_path / "y", data, "steps=1"))
-    with pytest.raises(UserError, match="another out"):
+    with pytest.raises(UserError, match="stage 'und' / model 'tiny', not stage 'gen'"):
         Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}"))
+    # a run that stopped before its first checkpoint leaves nothing to resume: its out= is free
+    import shutil
+
+    shutil.rmtree(tmp_path / "y" / "checkpoints")
+    Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}"))
+
+
+def test_checkpoints_are_loadable_weights_folders_and_keep_the_tokenizer(stage1, data, vae_file, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from unix.infer import ReportSettings, load_pipeline
+
+    out = stage1[0]
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    Image.new("L", (64, 64), 128).save(tmp_path / "x.png")
+    assert isinstance(load_pipeline(ckpt, device="cpu").reports([str(tmp_path / "x.png")], ReportSettings(max_new_tokens=3))[0], str)
+    gen = run(cfg_for("gen", tmp_path / "g", data, f"init={out / 'final'}", f"vae={vae_file}", "steps=2"))
+    assert gen
+    pipe = load_pipeline(tmp_path / "g" / "checkpoints" / "step-0000002", device="cpu")
+    assert pipe.images(["No finding."], [0], pipe.image_settings(size=64, steps=2))[0].shape == (64, 64)
+    # resuming a from-scratch stage 1 reads its tokenizer back instead of training one again
+    import unix.train.trainer as trainer_mod
+
+    import shutil
+
+    resumed = shutil.copytree(out, tmp_path / "s1")  # the module's stage-1 run stays as it is
+    monkeypatch.setattr(trainer_mod, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained again"))
+    assert [h["step"] for h in run(cfg_for("und", resumed, data, "steps=5"))] == [5]
+    assert (resumed / "final" / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
 
 
 def test_torchrun_two_processes(data, vae_file, tmp_path):

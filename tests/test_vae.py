@@ -348,6 +348,13 @@ def test_missing_file_is_named(tmp_path):
         load_ldm_vae(tmp_path / "not-there.ckpt", TINY)
 
 
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    path = tmp_path / "vae.json"
+    path.write_text("{}")
+    with pytest.raises(UserError, match="vae.json: not a VAE checkpoint"):
+        load_ldm_vae(path, TINY)
+
+
 class _Opaque:  # stands for arbitrary pickled objects (e.g. a Lightning callback)
     pass
 

@@ -239,7 +239,7 @@ def from_dict(schema: type, data: dict, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r} (allowed: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {where + unknown[0]!r} (allowed: {', '.join(sorted(names))})")
     kwargs = {k: _convert(hints[k], v, f"{where}{k}") for k, v in data.items()}
     try:
         return schema(**kwargs)
@@ -269,6 +269,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return out if origin is list else tuple(out)
     if origin is dict or tp is Any:
         return value
+    if tp is str and value is None:
+        return ""  # `key=` on the command line: OmegaConf reads an empty value as null
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -1,8 +1,9 @@
 """Checkpoints: each one is a loadable weights folder plus the training state, written atomically.
 
-    OUT/checkpoints/step-0000500/   model.safetensors, config.json, train_state.pt
+    OUT/checkpoints/step-0000500/   model.safetensors (the trained weights, not the EMA), config.json,
+                                    tokenizer files, vae/, train.json, train_state.pt
     OUT/final/                      the exported weights folder (EMA weights when EMA is on),
-                                    tokenizer files, vae/model.safetensors
+                                    tokenizer files, vae/model.safetensors, train.json
 
 `train_state.pt` holds optimizer, EMA, step, data position and RNG state; it is our own file and
 loads with `weights_only=True`.
@@ -51,13 +52,16 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.pt").is_file())
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, train_state: dict, keep_last: int, main: bool) -> None:
+def save_checkpoint(out: Path, step: int, model, optimizer, train_state: dict, keep_last: int, main: bool,
+                    files: dict[str, bytes] | None = None) -> None:
+    """`files`: the side files that make the folder loadable (tokenizer, VAE, train.json)."""
     model_sd, optim_sd = full_state(model, optimizer)  # collective: every rank takes part
     if not main:
         return
     buf = io.BytesIO()
     torch.save({**train_state, "optimizer": optim_sd, "step": step}, buf)
-    save_model(model, out / "checkpoints" / f"step-{step:07d}", {"train_state.pt": buf.getvalue()}, state_dict=model_sd)
+    files = {**(files or {}), "train_state.pt": buf.getvalue()}
+    save_model(model, out / "checkpoints" / f"step-{step:07d}", files, state_dict=model_sd)
     for old in checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

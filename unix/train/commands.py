@@ -52,8 +52,10 @@ def cmd_train(args) -> int:
     from unix.train.config import load_train_config
     from unix.train.trainer import run
 
+    import os
+
     history = run(load_train_config(args.config, args.overrides))
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}")
     return 0
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from unix.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logger=wandb needs the wandb package (pip install 'unix[wandb]')") from None
+                raise UserError("logger=wandb needs the wandb package (pip install 'unix[wandb]')") from None
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out), config={"stage": cfg.stage, "out": str(out)})
 
     def log(self, metrics: dict, every: int) -> None:

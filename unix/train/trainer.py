@@ -11,6 +11,7 @@ reproduces an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from unix.config import ModelConfig, load_model_config, override_config, to_dict
 from unix.data.dataset import Item, Packer, RowStream, decode_gray
+from unix.data.shards import shard_paths
 from unix.errors import UserError
 from unix.flow import interpolate, sample_t, velocity_target
 from unix.models.sequence import LatentImage, Text, VitImage, pack
@@ -99,6 +101,10 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.shards or not Path(cfg.data.shards).is_dir():
             raise UserError(f"data.shards: shard folder {cfg.data.shards!r} not found")
+        if not shard_paths(cfg.data.shards, cfg.data.split):
+            raise UserError(f"data.shards: {cfg.data.shards} holds no '{cfg.data.split}-*.parquet' shards (data.split)")
+        if cfg.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise UserError("logger=wandb needs the wandb package (pip install 'unix[wandb]')")
         for key in ("init", "janus", "tokenizer"):
             value = getattr(cfg, key)
             if value and not Path(value).is_dir():
@@ -112,11 +118,11 @@ class Trainer:
         if cfg.stage == "gen" and not cfg.vae and not (cfg.init and any((Path(cfg.init) / v).is_file() for v in VAE_FILES)):
             raise UserError("vae: a generation stage needs a VAE (set vae=PATH or use an init folder with vae/)")
         run = self.out / "run.json"
-        if run.is_file():
+        if run.is_file() and checkpoints(self.out):  # a run that never saved a step has nothing to resume
             prev = json.loads(run.read_text())
             if prev.get("stage") != cfg.stage or prev.get("model") != cfg.model:
-                raise UserError(f"out: {self.out} holds a run of stage {prev.get('stage')!r} / model {prev.get('model')!r}; "
-                                f"use another out= to start stage {cfg.stage!r}")
+                raise UserError(f"out: {self.out} holds a run of stage {prev.get('stage')!r} / model {prev.get('model')!r}, "
+                                f"not stage {cfg.stage!r} / model {cfg.model!r}; use another out= (its checkpoints would resume)")
 
     def _token_side(self) -> int:
         try:
@@ -153,17 +159,21 @@ class Trainer:
             load_vision_tower(model.vision, self.cfg.vision)
         return model.train()
 
+    def _info(self, *args) -> None:
+        if self.d.main:
+            log.info(*args)
+
     def _init_gen(self, model: UniX) -> None:
         src = self.cfg.gen_init_from
         if src == "random":
-            log.info("init has no trained generation branch: gen keeps its untrained init")
+            self._info("init has no trained generation branch: gen keeps its untrained init")
         elif src:
             if to_dict(read_model_config(Path(src)).lm) != to_dict(model.cfg.lm):
                 raise UserError(f"gen_init_from: {src} has another decoder than init {self.cfg.init}")
-            log.info("init has no trained generation branch: copying und of %s -> gen", src)
+            self._info("init has no trained generation branch: copying und of %s -> gen", src)
             model.init_gen_from_und(source=load_model(src)[0])
         else:
-            log.info("init has no trained generation branch: copying und -> gen")
+            self._info("init has no trained generation branch: copying und -> gen")
             model.init_gen_from_und()
         model.scale_gen_init(self.cfg.gen_init_key_gain, self.cfg.gen_init_out_gain)
 
@@ -177,7 +187,9 @@ class Trainer:
         return json.loads(path.read_text()).get("stages", []) if path.is_file() else []
 
     def _tokenizer(self) -> Tokenizer:
-        folder = self.cfg.tokenizer or self.cfg.init or self.cfg.janus
+        # a resumed run keeps the tokenizer its checkpoints were trained with
+        resumed = [c for c in checkpoints(self.out)[-1:] if (c / "tokenizer.json").is_file()]
+        folder = self.cfg.tokenizer or self.cfg.init or self.cfg.janus or (str(resumed[0]) if resumed else "")
         tokens = self.model.cfg.tokens
         if folder:
             return Tokenizer.from_folder(folder, tokens)
@@ -330,7 +342,18 @@ class Trainer:
                 "repa": self.repa.state_dict() if self.repa else {}}
 
     def save(self) -> None:
-        save_checkpoint(self.out, self.step, self.model, self.optimizer, self._train_state(), self.cfg.keep_last, self.d.main)
+        files = self._folder_files() if self.d.main else {}
+        save_checkpoint(self.out, self.step, self.model, self.optimizer, self._train_state(), self.cfg.keep_last, self.d.main, files)
+
+    def _folder_files(self) -> dict[str, bytes]:
+        """What makes a weights folder loadable besides the weights: stages, tokenizer, the VAE."""
+        files = {STAGES_FILE: json.dumps({"stages": self._init_stages() + [self.cfg.stage]}).encode()}
+        files.update(_tokenizer_files(self.tokenizer))
+        vae = self.cfg.vae or next((str(Path(self.cfg.init) / v) for v in VAE_FILES if self.cfg.init and (Path(self.cfg.init) / v).is_file()), "")
+        if vae:  # under the name inference looks for
+            name = VAE_FILES[0] if vae.endswith(".safetensors") else VAE_FILES[1]
+            files[name] = Path(vae).read_bytes()
+        return files
 
     def export(self) -> Path:
         """OUT/final: a weights folder `unix report` / `unix generate` load (EMA weights if kept)."""
@@ -341,13 +364,7 @@ class Trainer:
             model_sd = {**model_sd, **self.ema.state_dict()}
         if not self.d.main:
             return self.out / "final"
-        files = {STAGES_FILE: json.dumps({"stages": self._init_stages() + [self.cfg.stage]}).encode()}
-        files.update(_tokenizer_files(self.tokenizer))
-        vae = self.cfg.vae or next((str(Path(self.cfg.init) / v) for v in VAE_FILES if self.cfg.init and (Path(self.cfg.init) / v).is_file()), "")
-        if vae:  # under the name inference looks for
-            name = VAE_FILES[0] if vae.endswith(".safetensors") else VAE_FILES[1]
-            files[name] = Path(vae).read_bytes()
-        return save_model(self.model, self.out / "final", files, state_dict=model_sd)
+        return save_model(self.model, self.out / "final", self._folder_files(), state_dict=model_sd)
 
 
 # What a stage may change on top of its `init` folder: the latent normalisation belongs to the VAE

@@ -1,6 +1,6 @@
 """Stage 0 for new image domains (the CXR-Phantom set): train a small KL autoencoder.
 
-    unix train-vae --shards data/phantom --out weights/phantom-vae --steps 3000
+    unix train-vae --shards runs/phantom/data --out runs/phantom/vae --preset phantom --steps 2000
 
 Loss: L1 reconstruction + a small KL term (LDM's recipe without the perceptual and adversarial
 parts), plus optionally L1 on the images' horizontal and vertical differences (`edge_weight`): plain

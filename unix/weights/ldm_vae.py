@@ -152,6 +152,8 @@ def read_ldm_vae_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"VAE checkpoint not found: {path}")
+    if path.suffix not in (".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
+        raise UserError(f"{path}: not a VAE checkpoint (expected .safetensors, .ckpt, .pth, .pt or .bin)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
