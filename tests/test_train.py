@@ -182,7 +182,7 @@ def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
     Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}"))
 
 
-def test_checkpoints_are_loadable_weights_folders_and_keep_the_tokenizer(stage1, data, vae_file, tmp_path, monkeypatch):
+def test_checkpoints_are_loadable_weights_folders_and_keep_the_tokenizer(stage1, data, vae_file, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     from unix.infer import ReportSettings, load_pipeline
@@ -204,6 +204,9 @@ def test_checkpoints_are_loadable_weights_folders_and_keep_the_tokenizer(stage1,
     monkeypatch.setattr(trainer_mod, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained again"))
     assert [h["step"] for h in run(cfg_for("und", resumed, data, "steps=5"))] == [5]
     assert (resumed / "final" / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    args = [f"data.shards={data}", f"out={resumed}", "steps=5", "data.token_budget=700"]
+    assert main(["train", str(CONFIGS / "phantom_stage1.yaml"), *args]) == 0
+    assert "already trained to step 5" in capsys.readouterr().out
 
 
 def test_torchrun_two_processes(data, vae_file, tmp_path):

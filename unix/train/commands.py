@@ -54,9 +54,14 @@ def cmd_train(args) -> int:
 
     import os
 
-    history = run(load_train_config(args.config, args.overrides))
-    if history and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+    cfg = load_train_config(args.config, args.overrides)
+    history = run(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
+        return 0
+    if history:
         print(f"done: {len(history)} steps, last loss {history[-1]['loss']:.4f}")
+    else:
+        print(f"{cfg.out}: already trained to step {cfg.steps} (raise steps= to go on); {cfg.out}/final exported again")
     return 0
 
 
