@@ -1,11 +1,13 @@
-"""Reading X-rays: 8/16-bit PNG, DICOM (MONOCHROME1 inversion), letterboxing, input lists."""
+"""Reading X-rays: 8/16-bit PNG, DICOM (MONOCHROME1 inversion), resize policies, input lists."""
+
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from unix.errors import UserError
-from unix.infer.io import expand_inputs, letterbox, read_image
+from unix.infer.io import InputItem, expand_inputs, fit_image, letterbox, read_image
 
 
 def test_png_8_and_16_bit(tmp_path):
@@ -61,13 +63,65 @@ def test_bad_files_name_themselves(tmp_path):
         read_image(tmp_path / "missing.png")
 
 
+def authors_fit(path, size):
+    """The authors' evaluation resize, step by step as eval/base/worker.py::_load_image and
+    data/data_utils.py::pil_img2rgb do it (RGBA copy, thumbnail, paste on a transparent white
+    square, composite on white), then ToTensor's /255 of one channel."""
+    image = Image.open(path).convert("RGBA")
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 0))
+    canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2), image)
+    white = Image.new("RGB", canvas.size, (255, 255, 255))
+    white.paste(canvas, mask=canvas.split()[3])
+    rgb = np.asarray(white, dtype=np.float32) / 255.0
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    return rgb[..., 0]
+
+
+@pytest.mark.parametrize("wh", [(150, 97), (61, 130), (300, 190), (40, 30)])  # wide, tall, large (PIL reduces first), small
+def test_thumbnail_policy_equals_the_authors_resize(tmp_path, wh):
+    rng = np.random.default_rng(1)
+    w, h = wh
+    smooth = np.add.outer(np.linspace(0, 200, h), np.linspace(0, 50, w))
+    Image.fromarray((smooth + rng.integers(0, 50, (h, w))).astype(np.uint8)).save(tmp_path / "x.png")
+    ours = fit_image(read_image(tmp_path / "x.png"), 64, "thumbnail")
+    ref = authors_fit(tmp_path / "x.png", 64)
+    assert ours.shape == (64, 64) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)
+    if max(wh) < 64:  # never upscaled: the image sits unchanged in the middle
+        top, left = (64 - h) // 2, (64 - w) // 2
+        np.testing.assert_array_equal(ours[top : top + h, left : left + w], read_image(tmp_path / "x.png"))
+    assert ours[0].min() == 1.0 or ours[:, 0].min() == 1.0  # white bars
+    assert not np.array_equal(ours, fit_image(read_image(tmp_path / "x.png"), 64, "letterbox"))
+
+
 def test_expand_inputs_from_lists_and_folders(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "one.png")
-    (tmp_path / "list.csv").write_text("id,path\nfirst,one.png\n")
-    (tmp_path / "list.jsonl").write_text('{"path": "one.png"}\n')
-    assert expand_inputs([str(tmp_path / "list.csv")]) == [("first", str(tmp_path / "one.png"))]
-    assert expand_inputs([str(tmp_path / "list.jsonl")])[0][0] == "one"
-    assert [i for i, _ in expand_inputs([str(tmp_path)])] == ["one"]
+    (tmp_path / "list.csv").write_text("id,path,instruction\nfirst,one.png,Describe the FINDINGS.\nsecond,one.png,\n")
+    (tmp_path / "list.jsonl").write_text('{"path": "one.png", "instruction": "Give the IMPRESSION."}\n')
+    one = str(tmp_path / "one.png")
+    assert expand_inputs([str(tmp_path / "list.csv")]) == [InputItem("first", one, "Describe the FINDINGS."), InputItem("second", one)]
+    assert expand_inputs([str(tmp_path / "list.jsonl")]) == [InputItem("one", one, "Give the IMPRESSION.")]
+    assert [it.id for it in expand_inputs([str(tmp_path)])] == ["one"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.csv").write_text("path\none.png\n")  # relative to --image-root when given
+    assert expand_inputs([str(tmp_path / "sub" / "list.csv")], image_root=tmp_path)[0].path == one
     (tmp_path / "bad.csv").write_text("id\nx\n")
     with pytest.raises(UserError, match="no 'path'"):
         expand_inputs([str(tmp_path / "bad.csv")])
+
+
+def test_expand_inputs_reads_the_authors_test_file(tmp_path):
+    entries = [{"messages": [{"role": "user", "content": "<image>Provide the FINDINGS and IMPRESSION for this chest X-ray."},
+                             {"role": "assistant", "content": "FINDINGS: Clear. IMPRESSION: Normal."}],
+                "images": ["files/p10/p100/s1/abc-1.jpg"]},
+               {"messages": [{"role": "user", "content": "<image>Review this X-ray and provide detailed FINDINGS."},
+                             {"role": "assistant", "content": "FINDINGS: Small effusion."}],
+                "images": ["files/p11/p110/s2/def-2.jpg"]}]
+    (tmp_path / "test_data.json").write_text(json.dumps(entries))
+    items = expand_inputs([str(tmp_path / "test_data.json")], image_root="/data/mimic")
+    assert [it.id for it in items] == ["abc-1", "def-2"]
+    assert items[0].path == "/data/mimic/files/p10/p100/s1/abc-1.jpg"
+    assert items[1].instruction == "Review this X-ray and provide detailed FINDINGS."
+    assert items[1].reference == "FINDINGS: Small effusion."
+    assert expand_inputs([str(tmp_path / "test_data.json")])[0].path == str(tmp_path / "files/p10/p100/s1/abc-1.jpg")

@@ -1,5 +1,6 @@
 """Released-layout compatibility, strict loading, our save/load, Janus initialisation, CLI."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,13 +17,23 @@ from unix.weights.folder import check_folder, load_model, save_model
 from unix.weights.janus import load_janus
 from unix.weights.released import released_layout, to_released
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unix_released_checkpoint_layout.json"
+LAYOUT = Path(__file__).parent / "data" / "unix_released_layout.json"  # see its "_about"
+
+
+def released_tensors() -> dict[str, list[int]]:
+    """The release's tensor table, expanded from its compact form and checked against its digest."""
+    data = json.loads(LAYOUT.read_text())
+    table = dict(data["tensors"])
+    for stack, block in data["repeated"].items():
+        table.update({f"{stack}.{i}.{name}": shape for i in range(block["count"]) for name, shape in block["tensors"].items()})
+    digest = hashlib.sha256(json.dumps(sorted(table.items()), separators=(",", ":")).encode()).hexdigest()
+    assert digest == data["sha256"], "the expanded layout differs from the reference table it was made from"
+    return table
 
 
 def test_full_preset_matches_the_released_layout():
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference layout not found at {REFERENCE}")
-    ref = json.loads(REFERENCE.read_text())["tensors"]
+    ref = released_tensors()
+    assert len(ref) == 996  # reference/unix-compat.md 1.1
     with torch.device("meta"):
         model = UniX(load_model_config("unix"))
     layout = released_layout(model)

@@ -2,7 +2,8 @@
 
 A text segment is `[BOS] tokens [EOS]` with NO chat template (reference section 3.2). The
 reference inference feeds a second BOS (the Janus tokenizer adds its own); `double_bos=True`
-reproduces that quirk, the default follows training.
+reproduces that quirk (the release's weights folder asks for it: unix/weights/inference.py), the
+default follows training.
 Released weights use the Janus tokenizer files in their folder; our own models ship a small
 byte-level BPE trained by `train_tokenizer` with the special tokens at the ids of the config.
 """

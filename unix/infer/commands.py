@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -15,26 +16,37 @@ def add_common(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward (default: 8)")
-    p.add_argument("--double-bos", action="store_true", help="reference-compat: feed BOS twice before each text segment")
-    p.add_argument("--connector-gelu", choices=["gelu", "gelu_tanh"], help="reference-compat: connector activation (default: from the config, exact GELU)")
+    # The weights folder's inference settings apply unless one of these is given (unix weights check shows them).
+    p.add_argument("--double-bos", action=argparse.BooleanOptionalAction,
+                   help="feed BOS twice before each text segment, as the release does (default: the weights folder's; off for ours)")
+    p.add_argument("--connector-act", "--connector-gelu", dest="connector_act", choices=["gelu", "gelu_tanh"],
+                   help="connector activation (default: the weights folder's; gelu_tanh for the release)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notices")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="write radiology reports for chest X-rays")
-    p.add_argument("inputs", nargs="+", help="image files (PNG/JPG/DICOM), folders, or CSV/JSONL lists with a 'path' column")
-    p.add_argument("--instruction", help="instruction text (default: the paper's FINDINGS and IMPRESSION instruction)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="default: 500")
+    p.add_argument("inputs", nargs="+", help="image files (PNG/JPG/DICOM), folders, CSV/JSONL lists with a 'path' "
+                   "(optional 'id', 'instruction') column, or the authors' test JSON")
+    p.add_argument("--image-root", help="folder that relative paths in lists are read under (default: the list's folder)")
+    p.add_argument("--instruction", help="one instruction for every image, also those whose list gives one "
+                   "(default: the list's per-image instruction, else the paper's FINDINGS and IMPRESSION instruction)")
+    p.add_argument("--max-new-tokens", type=int, help="most report tokens after the start token, EOS not counted "
+                   "(default: the weights folder's; 499 for the release, 500 for ours)")
+    p.add_argument("--resize", choices=["letterbox", "thumbnail"], help="how an X-ray becomes the square ViT input "
+                   "(default: the weights folder's; thumbnail for the release, letterbox for ours)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", help="JSONL or CSV file for the reports (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_common(p)
     p.set_defaults(handler=cmd_report)
 
     p = subparsers.add_parser("generate", help="draw chest X-rays from text prompts")
     p.add_argument("prompts", nargs="*", help="prompt text(s)")
-    p.add_argument("--prompts-file", help="CSV/JSONL with 'prompt' (or 'report'), optional 'id' and 'seed'")
+    p.add_argument("--prompts-file", help="CSV/JSONL with 'prompt' (or 'report'), optional 'id' and 'seed'; or the "
+                   "authors' CSV ('annotated_prompt', 'synthetic_filename' names the output)")
     p.add_argument("--num-per-prompt", type=int, default=1)
     # Sampling defaults: the weights folder's sampling.json where it has one, else the release's values.
     p.add_argument("--steps", type=int, help="schedule points (steps-1 Euler moves; default: sampling.json, else 50)")
@@ -55,12 +67,24 @@ def _pipeline(args):
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    return load_pipeline(args.weights, args.device, args.dtype, args.double_bos, args.connector_gelu)
+    return load_pipeline(args.weights, args.device, args.dtype, double_bos=args.double_bos, connector_act=args.connector_act,
+                         max_new_tokens=getattr(args, "max_new_tokens", None), resize=getattr(args, "resize", None))
 
 
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+def instructions_for(items, flag: str | None) -> list[tuple[str, str]]:
+    """(instruction, where it came from) per item: --instruction, else the item's own, else the default."""
+    from unix.tokenizer import REPORT_INSTRUCTION
+
+    if flag is not None:
+        if not flag.strip():
+            raise UserError("--instruction is empty")
+        return [(flag, "flag")] * len(items)
+    return [(it.instruction, "input") if it.instruction else (REPORT_INSTRUCTION, "default") for it in items]
 
 
 def cmd_report(args) -> int:
@@ -69,61 +93,73 @@ def cmd_report(args) -> int:
     from unix.infer import ReportSettings
     from unix.infer.io import expand_inputs, read_image, write_rows
 
-    items = expand_inputs(args.inputs)
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists (use --overwrite or another --out)")
+    items = expand_inputs(args.inputs, args.image_root)
+    instructions = instructions_for(items, args.instruction)
     pipe = _pipeline(args)
-    settings = ReportSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    if args.instruction is not None:
-        if not args.instruction.strip():
-            raise UserError("--instruction is empty")
-        settings.instruction = args.instruction
-    rows, failed = [], 0
+    settings = ReportSettings(max_new_tokens=pipe.inference.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    record = pipe.inference.record()
+    rows: list[dict | None] = [None] * len(items)
     good = []
-    for item_id, path in items:  # unreadable images get their own row and the rest go on
+    for k, it in enumerate(items):  # unreadable images get their own row and the rest go on
+        base = {"id": it.id, "path": it.path, "instruction": instructions[k][0]}
         try:
-            read_image(path)
-            good.append((item_id, path))
+            read_image(it.path)
+            good.append(k)
         except UserError as e:
-            rows.append({"id": item_id, "path": path, "report": None, "error": str(e)})
-            failed += 1
+            rows[k] = {**base, "report": None, "error": str(e)}
     bar = tqdm(total=len(good), desc="reports", unit="img", disable=args.quiet or len(good) < 2)
     for chunk in _chunks(good, args.batch_size):
         t0 = time.perf_counter()
-        texts = pipe.reports([p for _, p in chunk], settings)
+        texts = pipe.reports([items[k].path for k in chunk], settings, [instructions[k][0] for k in chunk])
         dt = (time.perf_counter() - t0) / len(chunk)
-        for (item_id, path), text in zip(chunk, texts):
-            rows.append({"id": item_id, "path": path, "report": text, "seconds": round(dt, 4),
-                         "settings": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                                      "top_p": settings.top_p, "weights": str(pipe.folder)}})
+        for k, text in zip(chunk, texts):
+            it, (instruction, source) = items[k], instructions[k]
+            used = {**record, "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+                    "weights": str(pipe.folder), "sources": {**record["sources"], "instruction": source}}
+            rows[k] = {"id": it.id, "path": it.path, "instruction": instruction, "report": text, "seconds": round(dt, 4),
+                       **({"reference": it.reference} if it.reference is not None else {}), "settings": used}
         bar.update(len(chunk))
     bar.close()
-    order = {item_id: i for i, (item_id, _) in enumerate(items)}
-    rows.sort(key=lambda r: order.get(r["id"], 0))
+    failed = [r for r in rows if r.get("error")]
     if args.out:
         write_rows(args.out, rows)
-    elif len(items) == 1 and rows[0]["report"] is not None:
+    elif len(items) == 1 and not failed:
         print(rows[0]["report"])
     else:
         for r in rows:
             print(json.dumps(r))
-    for r in rows:
-        if r.get("error"):
-            print(f"unix: error: {r['error']}", file=sys.stderr)
+    for r in failed:
+        print(f"unix: error: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def read_prompts(args) -> list[dict]:
+def read_prompts_file(path: str) -> list[dict]:
+    """Jobs {id, prompt[, seed]} from our CSV/JSONL, or from the authors' generation-prompt CSV
+    (its `synthetic_filename` without suffix is the id, so the output files carry its names)."""
+    from unix.data.release_files import PROMPT_COLUMN, read_generation_prompts
     from unix.infer.io import read_table
 
+    rows = read_table(path)
+    if Path(path).suffix.lower() == ".csv" and rows and PROMPT_COLUMN in rows[0] and "prompt" not in rows[0]:
+        return [{"id": it.id, "prompt": it.prompt} for it in read_generation_prompts(path)]
+    jobs = []
+    for i, row in enumerate(rows):
+        text = row.get("prompt") or row.get("report")
+        if not text or not str(text).strip():
+            raise UserError(f"{path}: row {i + 1} has no 'prompt'")
+        job = {"id": str(row.get("id") or f"row{i:04d}"), "prompt": str(text)}
+        if row.get("seed") not in (None, ""):
+            job["seed"] = int(row["seed"])
+        jobs.append(job)
+    return jobs
+
+
+def read_prompts(args) -> list[dict]:
     jobs = [{"id": f"prompt{i:03d}", "prompt": p} for i, p in enumerate(args.prompts)]
     if args.prompts_file:
-        for i, row in enumerate(read_table(args.prompts_file)):
-            text = row.get("prompt") or row.get("report")
-            if not text or not str(text).strip():
-                raise UserError(f"{args.prompts_file}: row {i + 1} has no 'prompt'")
-            job = {"id": str(row.get("id") or f"row{i:04d}"), "prompt": str(text)}
-            if row.get("seed") not in (None, ""):
-                job["seed"] = int(row["seed"])
-            jobs.append(job)
+        jobs += read_prompts_file(args.prompts_file)
     if not jobs:
         raise UserError("give at least one prompt (arguments or --prompts-file)")
     for j in jobs:
@@ -176,6 +212,7 @@ def cmd_generate(args) -> int:
             atomic_write(path, png_bytes(img))
             side = {**j, "path": str(path), "seconds": round(dt, 4), "size": size, "steps": settings.steps,
                     "guidance": settings.guidance, "shift": settings.shift, "guidance_interval": list(settings.interval),
+                    "double_bos": pipe.inference.double_bos, "double_bos_from": pipe.inference.sources["double_bos"],
                     "weights": str(pipe.folder)}
             atomic_write(path.with_suffix(".json"), json.dumps(side, indent=1))
             manifest.append(side)

@@ -1,7 +1,9 @@
 """Reading X-rays (PNG 8/16-bit, JPG, DICOM) and input lists; writing outputs atomically.
 
-Resize policy for the understanding branch (one, everywhere): letterbox to a square with white
-padding, then resize to the ViT's input size — what the reference evaluation does.
+Resize policies for the understanding branch (`fit_image`): "letterbox" (ours, and training's)
+pads to a white square, then resizes to the ViT's input size; "thumbnail" is the authors'
+evaluation (shrink to fit, never upscale, centre on white). A weights folder says which it wants
+(unix/weights/inference.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,26 +71,68 @@ def letterbox(image: np.ndarray, size: int, fill: float = 1.0) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """Files, folders (their images, sorted) and CSV/JSONL lists (column `path`, optional `id`)
-    -> (id, path) pairs. Ids default to the file name without suffix."""
-    items: list[tuple[str, str]] = []
+def thumbnail(image: np.ndarray, size: int) -> np.ndarray:
+    """The authors' evaluation resize (eval/base/worker.py::_load_image, reference/unix-compat.md 5.4):
+    the 8-bit image shrunk with LANCZOS to fit size x size (aspect kept, never upscaled), pasted
+    centred on a white square. They do it on RGBA copies of the gray image, which gives the same
+    values as doing it on the gray image (tested)."""
+    gray = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+    gray.thumbnail((size, size), Image.Resampling.LANCZOS)
+    canvas = Image.new("L", (size, size), 255)
+    canvas.paste(gray, ((size - gray.width) // 2, (size - gray.height) // 2))
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+RESIZERS = {"letterbox": letterbox, "thumbnail": thumbnail}
+
+
+def fit_image(image: np.ndarray, size: int, policy: str = "letterbox") -> np.ndarray:
+    """A gray image (H, W) in [0, 1] -> the ViT's square input (size, size) by `policy`."""
+    return RESIZERS[policy](image, size)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    id: str
+    path: str
+    instruction: str | None = None  # this image's own instruction, where its list gives one
+    reference: str | None = None  # the reference report, where its list gives one (the authors' test file)
+
+
+def _list_path(raw: str, lst: Path, root: Path | None) -> str:
+    path = Path(raw)
+    return str(path if path.is_absolute() else (root or lst.parent) / path)
+
+
+def expand_inputs(inputs: list[str], image_root: str | Path | None = None) -> list[InputItem]:
+    """Files, folders (their images, sorted), CSV/JSONL lists (column `path`, optional `id` and
+    `instruction`) and the authors' test JSON -> items. Ids default to the file name without
+    suffix. Relative paths in a list are read under `image_root`, else the list's folder."""
+    from unix.data.release_files import is_test_file, read_test_file
+
+    root = Path(image_root) if image_root else None
+    items: list[InputItem] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise UserError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            items += [(f.stem, str(f)) for f in files]
+            items += [InputItem(f.stem, str(f)) for f in files]
+        elif is_test_file(p):
+            items += [InputItem(t.id, _list_path(t.image, p, root), t.instruction, t.reference) for t in read_test_file(p)]
         elif p.suffix.lower() in LIST_SUFFIXES:
             for i, row in enumerate(read_table(p)):
                 if not row.get("path"):
                     raise UserError(f"{p}: row {i + 1} has no 'path'")
-                path = Path(row["path"])
-                path = path if path.is_absolute() else p.parent / path
-                items.append((str(row.get("id") or path.stem), str(path)))
+                path = _list_path(str(row["path"]), p, root)
+                instruction = row.get("instruction")
+                if instruction is not None and not isinstance(instruction, str):
+                    raise UserError(f"{p}: row {i + 1}: 'instruction' is not text")
+                instruction = instruction if instruction and instruction.strip() else None  # an empty cell: the default
+                items.append(InputItem(str(row.get("id") or Path(path).stem), path, instruction))
         else:
-            items.append((p.stem, str(p)))  # a missing file is reported on its own row later
+            items.append(InputItem(p.stem, str(p)))  # a missing file is reported on its own row later
     return items
 
 

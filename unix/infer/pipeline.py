@@ -1,8 +1,9 @@
 """The Python API the CLI wraps: load a weights folder once, then write reports and draw X-rays.
 
     from unix.infer import load_pipeline
-    pipe = load_pipeline("weights/UniX", device="cuda")
+    pipe = load_pipeline("weights/UniX", device="cuda")  # the folder's inference settings apply (pipe.inference)
     reports = pipe.reports(["cxr.png"])
+    reports = pipe.reports(["a.png", "b.png"], instructions=["Provide the FINDINGS.", "Describe the FINDINGS and IMPRESSION."])
     images = pipe.images(["Small left pleural effusion."], seeds=[0])
 """
 
@@ -19,11 +20,12 @@ import torch
 
 from unix.errors import UserError
 from unix.infer.images import ImageSettings, sample_latents
-from unix.infer.io import letterbox, read_image
+from unix.infer.io import fit_image, read_image
 from unix.infer.reports import ReportSettings, generate_report_ids
 from unix.models.vision import normalize_pixels
 from unix.tokenizer import Tokenizer
-from unix.weights.folder import VAE_FILES, load_model
+from unix.weights.folder import VAE_FILES, is_released, load_model, read_model_config
+from unix.weights.inference import InferenceSettings, resolve_inference
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     sampling: dict = field(default_factory=dict)  # the folder's sampling.json (ImageSettings fields)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)  # BOS, connector, report length, resize
     _codec: object = field(default=None, repr=False)
 
     @property
@@ -115,14 +118,24 @@ class Pipeline:
         return self._codec
 
     def pixels(self, paths: list[str]) -> torch.Tensor:
-        """Read, letterbox and normalise images for the ViT: (B, 3, S, S)."""
+        """Read, fit (the folder's resize policy) and normalise images for the ViT: (B, 3, S, S)."""
         S = self.cfg.vision.image_size
-        arrays = [letterbox(read_image(p), S) for p in paths]
+        arrays = [fit_image(read_image(p), S, self.inference.resize) for p in paths]
         x = torch.from_numpy(np.stack(arrays))[:, None]
         return normalize_pixels(x, self.cfg.vision).to(self.device, self.dtype)
 
-    def reports(self, paths: list[str], settings: ReportSettings = ReportSettings()) -> list[str]:
-        ids = generate_report_ids(self.model, self.tokenizer, self.pixels(paths), settings)
+    def reports(self, paths: list[str], settings: ReportSettings | None = None, instructions: list[str] | None = None) -> list[str]:
+        """One report per image. `instructions`: one per image (rows may differ; default
+        `settings.instruction` for all). `settings.max_new_tokens` None: the folder's setting."""
+        settings = settings or ReportSettings()
+        if settings.max_new_tokens is None:
+            settings = dataclasses.replace(settings, max_new_tokens=self.inference.max_new_tokens)
+        if instructions is not None:
+            if len(instructions) != len(paths):
+                raise UserError(f"{len(instructions)} instructions for {len(paths)} images")
+            if not all(isinstance(i, str) and i.strip() for i in instructions):
+                raise UserError("an instruction is empty")
+        ids = generate_report_ids(self.model, self.tokenizer, self.pixels(paths), settings, instructions)
         return [self.tokenizer.decode(r) for r in ids]
 
     def image_settings(self, **given) -> ImageSettings:
@@ -144,17 +157,23 @@ class Pipeline:
 
 
 def load_pipeline(weights: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                  double_bos: bool = False, connector_act: str | None = None) -> Pipeline:
+                  double_bos: bool | None = None, connector_act: str | None = None,
+                  max_new_tokens: int | None = None, resize: str | None = None) -> Pipeline:
     """Load model + tokenizer from a weights folder (default: the embedded phantom-tiny model).
-    `double_bos` and `connector_act="gelu_tanh"` reproduce the reference inference code's quirks."""
+    The inference settings are the folder's (its inference.json, the release's values for the
+    authors' release, else our defaults: unix/weights/inference.py); non-None arguments win."""
     folder = resolve_weights(weights)
     dev = resolve_device(device)
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+    if not folder.is_dir():
+        raise UserError(f"weights folder not found: {folder}")
+    given = {"double_bos": double_bos, "connector_act": connector_act, "max_new_tokens": max_new_tokens, "resize": resize}
+    inference = resolve_inference(folder, read_model_config(folder), is_released(folder), given)  # before the slow load
     model, _ = load_model(folder, device=dev, dtype=DTYPES[dtype])
-    if connector_act:
-        model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, connector_act=connector_act))
-        model.connector.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[connector_act]
-    tokenizer = Tokenizer.from_folder(folder, model.cfg.tokens, double_bos=double_bos)
-    return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype], read_sampling_defaults(folder))
+    if inference.connector_act != model.cfg.vision.connector_act:
+        model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, connector_act=inference.connector_act))
+        model.connector.set_act(inference.connector_act)
+    tokenizer = Tokenizer.from_folder(folder, model.cfg.tokens, double_bos=inference.double_bos)
+    return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype], read_sampling_defaults(folder), inference)

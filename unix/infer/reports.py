@@ -2,7 +2,9 @@
 
 Sequence per image (reference section 3.3): `[BOI] ViT features [EOI]` (one position), the
 instruction as a text segment, then decoding from BOS until EOS. Each row stops on its own; the
-batch ends when every row has stopped or `max_new_tokens` is reached.
+batch ends when every row has stopped or `max_new_tokens` is reached. Rows may have different
+instructions: prompts of different lengths are right-padded (padding is invisible to every real
+token) and each row decodes from its own next position.
 """
 
 from __future__ import annotations
@@ -15,17 +17,33 @@ from unix.models.attention import PAD_SAMPLE, Mode
 from unix.models.cache import KVCache
 from unix.models.sequence import Kind, PackedBatch, Text, VitImage, pack
 from unix.tokenizer import REPORT_INSTRUCTION, Tokenizer
+from unix.weights.inference import DEFAULT_MAX_NEW_TOKENS
 
 DECODE_SEGMENT = 1 << 20  # segment id of the generated text: after every prompt segment
 
 
 @dataclass
 class ReportSettings:
-    instruction: str = REPORT_INSTRUCTION  # the paper's FINDINGS-and-IMPRESSION instruction
-    max_new_tokens: int = 500
+    instruction: str = REPORT_INSTRUCTION  # the paper's FINDINGS-and-IMPRESSION instruction, for rows without their own
+    # Tokens generated after the start BOS (the stop EOS not counted). None: the weights folder's
+    # setting in a Pipeline (499 for the release, 500 for ours), DEFAULT_MAX_NEW_TOKENS otherwise.
+    max_new_tokens: int | None = None
     temperature: float = 0.0  # 0 = greedy (the paper's setting)
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     seed: int = 0  # sampling seed; every row gets its own generator seeded with it
+
+
+def row_instructions(settings: ReportSettings, n: int, instructions: list[str] | None) -> list[str]:
+    """One instruction per row: the given ones, else the settings' for every row."""
+    if instructions is None:
+        return [settings.instruction] * n
+    if len(instructions) != n:
+        raise ValueError(f"{len(instructions)} instructions for {n} images")
+    return list(instructions)
+
+
+def max_new_tokens(settings: ReportSettings) -> int:
+    return DEFAULT_MAX_NEW_TOKENS if settings.max_new_tokens is None else settings.max_new_tokens
 
 
 def prompt_samples(model, tokenizer: Tokenizer, pixels: torch.Tensor, instructions: list[str]):
@@ -48,13 +66,14 @@ def choose(logits: torch.Tensor, settings: ReportSettings, generators: list[torc
 @torch.no_grad()
 def generate_report_ids(model, tokenizer: Tokenizer, pixels: torch.Tensor, settings: ReportSettings = ReportSettings(),
                         instructions: list[str] | None = None) -> list[list[int]]:
-    """pixels (B, 3, S, S) normalised -> generated ids per row (without the start BOS and the stop EOS)."""
+    """pixels (B, 3, S, S) normalised -> generated ids per row (without the start BOS and the stop EOS).
+    `instructions`: one per row (default: `settings.instruction` for all)."""
     B, device = pixels.shape[0], pixels.device
     eos, bos = model.cfg.tokens.eos, model.cfg.tokens.bos
-    instructions = instructions or [settings.instruction] * B
-    batch = pack(prompt_samples(model, tokenizer, pixels, instructions), model.cfg.tokens,
+    steps = max_new_tokens(settings)
+    batch = pack(prompt_samples(model, tokenizer, pixels, row_instructions(settings, B, instructions)), model.cfg.tokens,
                  model.cfg.vision.num_patches, model.cfg.gen.max_latent_size, rows=True).to(device)
-    cache = KVCache.for_model(model, B, batch.input_ids.shape[1] + settings.max_new_tokens + 1)
+    cache = KVCache.for_model(model, B, batch.input_ids.shape[1] + steps + 1)
     model(batch, caches=cache.layers(), past_meta=cache.past_meta())
     cache.commit(batch.meta)
     real = batch.meta.sample != PAD_SAMPLE
@@ -63,7 +82,7 @@ def generate_report_ids(model, tokenizer: Tokenizer, pixels: torch.Tensor, setti
     generators = [torch.Generator().manual_seed(settings.seed) for _ in range(B)] if settings.temperature > 0 else None
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(settings.max_new_tokens):
+    for _ in range(steps):
         meta = cache.new_meta(1, Mode.CAUSAL, DECODE_SEGMENT, sample=batch.meta.sample[:, 0])
         step = PackedBatch(token[:, None], position[:, None], torch.full((B, 1), int(Kind.TEXT), device=device), meta)
         logits = model(step, logits_at=torch.ones((B, 1), dtype=torch.bool, device=device),
@@ -80,15 +99,16 @@ def generate_report_ids(model, tokenizer: Tokenizer, pixels: torch.Tensor, setti
 
 
 @torch.no_grad()
-def generate_report_ids_uncached(model, tokenizer: Tokenizer, pixels: torch.Tensor, settings: ReportSettings = ReportSettings()) -> list[list[int]]:
-    """Greedy decoding by full recomputation of the whole sequence at every token: the slow
-    reference that the cached decoder must reproduce (tests, benchmarks)."""
+def generate_report_ids_uncached(model, tokenizer: Tokenizer, pixels: torch.Tensor, settings: ReportSettings = ReportSettings(),
+                                 instructions: list[str] | None = None) -> list[list[int]]:
+    """Greedy decoding by full recomputation of the whole sequence at every token, one image at a
+    time: the slow reference that the cached decoder must reproduce (tests, benchmarks)."""
     cfg = model.cfg
     outs = []
-    for p in pixels:
+    for p, instruction in zip(pixels, row_instructions(settings, pixels.shape[0], instructions)):
         ids: list[int] = []
-        for _ in range(settings.max_new_tokens):
-            samples = prompt_samples(model, tokenizer, p[None], [settings.instruction])
+        for _ in range(max_new_tokens(settings)):
+            samples = prompt_samples(model, tokenizer, p[None], [instruction])
             samples[0].append(Text([cfg.tokens.bos] + ids))
             batch = pack(samples, cfg.tokens, cfg.vision.num_patches, cfg.gen.max_latent_size).to(p.device)
             last = torch.zeros_like(batch.input_ids, dtype=torch.bool)

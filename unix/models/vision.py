@@ -95,10 +95,14 @@ class Connector(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, act: Literal["gelu", "gelu_tanh"] = "gelu"):
         super().__init__()
-        if act not in _GELU_APPROX:
-            raise ValueError(f"connector act must be one of {list(_GELU_APPROX)}, got {act!r}")
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
+        self.set_act(act)
+
+    def set_act(self, act: Literal["gelu", "gelu_tanh"]) -> None:
+        """Switch the activation (a weights folder's inference setting; no parameters change)."""
+        if act not in _GELU_APPROX:
+            raise ValueError(f"connector act must be one of {list(_GELU_APPROX)}, got {act!r}")
         self.act = act
         self.approximate = _GELU_APPROX[act]
 

@@ -73,6 +73,11 @@ def cmd_check(args) -> int:
         for name in report.fixed_checked:
             print(f"  fixed table present and checked: {name}")
     print(f"  vae: {check.vae or 'absent (image generation needs vae/kl-f16d16.ckpt or vae/model.safetensors)'}")
+    if check.inference is not None:
+        print("  inference settings (flags still win):")
+        for key, value in check.inference.record().items():
+            if key != "sources":
+                print(f"    {key} = {json.dumps(value)}  ({check.inference.sources[key]})")
     print("loadable" if check.loadable else "NOT loadable")
     if not check.loadable:
         raise UserError(f"{check.folder}: weights folder is not loadable (see above)")

@@ -6,6 +6,7 @@ a released folder's `config.json` has none, and the `unix` preset applies.
 
     model.safetensors       decoder, vision tower, connector, generation heads
     config.json             {"unix_model": {...}} (ours) or the release's config
+    inference.json          optional: how to run it (unix/weights/inference.py)
     vae/kl-f16d16.ckpt      released VAE (LDM format), or vae/model.safetensors (ours, diffusers names)
 """
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from unix.config import ConfigError, ModelConfig, from_dict, load_model_config, to_dict
 from unix.errors import UserError
+from unix.weights.inference import InferenceSettings, resolve_inference
 from unix.weights.released import LoadReport, load_released_state_dict, match_state_dict, to_released
 
 MODEL_FILE = "model.safetensors"
@@ -30,19 +32,31 @@ CONFIG_FILE = "config.json"
 VAE_FILES = ("vae/model.safetensors", "vae/kl-f16d16.ckpt")
 
 
-def read_model_config(folder: Path) -> ModelConfig:
+def read_config_json(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{folder}: no {CONFIG_FILE} (a weights folder needs one)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return raw
+
+
+def is_released(folder: str | Path) -> bool:
+    """True for the authors' release: its config.json is theirs, without our "unix_model" key."""
+    return "unix_model" not in read_config_json(Path(folder))
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    raw = read_config_json(folder)
     if "unix_model" in raw:
         try:
             return from_dict(ModelConfig, raw["unix_model"])
         except ConfigError as e:
-            raise UserError(f"{path}: {e}") from None
+            raise UserError(f"{folder / CONFIG_FILE}: {e}") from None
     return load_model_config("unix")  # the released folder: its sizes are the `unix` preset
 
 
@@ -61,6 +75,7 @@ class FolderCheck:
     config: ModelConfig | None = None
     tensors: LoadReport | None = None
     vae: str | None = None  # which VAE file is present
+    inference: InferenceSettings | None = None  # the settings `unix report` / `unix generate` apply
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -79,9 +94,11 @@ def check_folder(folder: str | Path) -> FolderCheck:
         return check
     try:
         check.config = read_model_config(folder)
+        check.inference = resolve_inference(folder, check.config, is_released(folder))
     except UserError as e:
         check.problems.append(str(e))
-        return check
+        if check.config is None:
+            return check
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         check.problems.append(f"{model_path}: missing")
