@@ -79,3 +79,15 @@ def test_cli_says_radgraph_is_skipped(tmp_path, capsys):
     assert main(["eval", "reports", "--pred", str(tmp_path / "r.csv"), "--ref", str(tmp_path / "r.csv"),
                  "--radgraph-dir", str(tmp_path / "none")]) == 0
     assert f"radgraph: no model in {tmp_path / 'none'}" in capsys.readouterr().out
+
+
+def test_empty_prediction_is_not_annotated_and_scores_zero():
+    seen = []
+
+    def annotate(reports):
+        seen.extend(reports)
+        return [ann(*((w, "OBS-DP", []) for w in r.lower().rstrip(".").split())) for r in reports]
+
+    result = evaluate_reports({"a": "Lungs clear.", "b": "  "}, {"a": "Lungs clear.", "b": "Small effusion."}, RuleLabeler(), annotate)
+    assert "" not in seen and "  " not in seen  # the authors' F1RadGraph gives an empty report (0, 0, 0) unannotated
+    assert result["f1-radgraph"] == pytest.approx((1.0 + 0.0) / 2) and result["n_empty_predictions"] == 1

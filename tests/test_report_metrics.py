@@ -8,7 +8,7 @@ import pytest
 
 from unix.cli import main
 from unix.eval.chexpert import CHEXPERT_FINDINGS
-from unix.eval.report_metrics import clinical_f1, evaluate_reports, positives, tokenize
+from unix.eval.report_metrics import clinical_f1, evaluate_reports, positives, word_tokens
 
 N = len(CHEXPERT_FINDINGS)
 CARDIO, EFFUSION, EDEMA, PTX = (CHEXPERT_FINDINGS.index(n) for n in ("Cardiomegaly", "Pleural Effusion", "Edema", "Pneumothorax"))
@@ -57,8 +57,8 @@ def test_identical_reports_score_one():
     assert worse["bleu1"] < 0.5 and worse["uncertain_as_negative"]["micro_f1_14"] == 0.0
 
 
-def test_tokenize_keeps_numbers_and_punctuation():
-    assert tokenize("A 3.5 cm mass, left-sided.") == ["A", "3.5", "cm", "mass", ",", "left-sided", "."]
+def test_word_tokens_keep_numbers_and_split_punctuation():
+    assert word_tokens("A 3.5 cm mass, left-sided. Dr. Lee agreed.") == ["A", "3.5", "cm", "mass", ",", "left-sided", ".", "Dr.", "Lee", "agreed", "."]
 
 
 def write_csv(path, rows_):
@@ -76,16 +76,20 @@ def test_commands_end_to_end(tmp_path, capsys):
         {"id": "1", "report": "The heart is enlarged. No pleural effusion."},
         {"id": "2", "report": "No pneumothorax."},
         {"id": "9", "report": "Possible edema."},
-        {"id": "4", "report": ""},
+        {"id": "3", "report": ""},
     ]) + "\n")
     out = tmp_path / "r.json"
     assert main(["eval", "reports", "--pred", str(tmp_path / "pred.jsonl"), "--ref", str(tmp_path / "ref.csv"), "--out", str(out)]) == 0
     io = capsys.readouterr()
-    assert "without a reference, e.g. 9" in io.err and "without a prediction, e.g. 3" in io.err and "empty report" in io.err
+    assert "without a reference, e.g. 9" in io.err and "without a prediction" not in io.err
     result = json.loads(out.read_text())
-    assert result["n"] == 2
-    # cardiomegaly TP; pneumothorax FN; "No pneumothorax." alone makes No Finding 1: FP -> 1 / (1 + 1)
-    assert result["uncertain_as_negative"]["micro_f1_14"] == pytest.approx(0.5)
+    assert result["n"] == 3 and result["n_empty_predictions"] == 1 and "1 empty prediction(s) scored" in result["problems"][-1]
+    # cardiomegaly TP; pneumothorax FN; "No pneumothorax." alone makes No Finding 1: FP; the empty
+    # prediction is labelled as an empty text, which the rule labeller calls No Finding, as is
+    # "Lungs are clear.": TP -> 2 / (2 + 0.5 * 2)
+    assert result["uncertain_as_negative"]["micro_f1_14"] == pytest.approx(2 / 3)
+    assert main(["eval", "reports", "--pred", str(tmp_path / "pred.jsonl"), "--ref", str(tmp_path / "ref.csv"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert "micro_f1_14" in io.out
 
     labels = tmp_path / "labels.csv"
@@ -94,7 +98,7 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert list(got[0]) == ["id", *CHEXPERT_FINDINGS]
     assert got[0]["Cardiomegaly"] == "1" and got[0]["Pleural Effusion"] == "0" and got[1]["Pneumothorax"] == "1"
     assert got[2]["No Finding"] == "1" and got[0]["No Finding"] == ""
-    assert main(["eval", "label", "--in", str(tmp_path / "ref.csv"), "--out", str(labels), "--labeler", "chexbert",
+    assert main(["eval", "label", "--in", str(tmp_path / "ref.csv"), "--out", str(labels), "--overwrite", "--labeler", "chexbert",
                  "--weights-dir", str(tmp_path)]) == 2
     assert "chexbert.pth" in capsys.readouterr().err
 
