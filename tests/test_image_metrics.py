@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,7 +18,9 @@ from PIL import Image
 from unix.errors import UserError
 from unix.eval import image_commands
 from unix.eval import image_metrics as im
-from unix.eval.features import DinoPreprocess, RadDinoExtractor, extract_features, get_extractor, register_extractor
+from unix.eval.features import (
+    RAD_DINO_MEAN, RAD_DINO_STD, DinoPreprocess, RadDinoExtractor, extract_features, get_extractor, register_extractor,
+)
 
 # --- metrics ------------------------------------------------------------------------------------------
 
@@ -52,7 +56,7 @@ def test_kid_is_unbiased_on_equal_distributions():
     assert min(values) < 0 < max(values)  # unbiased: can be negative
     far, _ = im.kid(x, y + 1.0, n_subsets=10, subset_size=100, seed=0)
     assert far > 10 * std
-    assert im.kid(x, y, n_subsets=5, seed=3) == im.kid(x, y, n_subsets=5, seed=3)  # seeded
+    assert im.kid(x, y, n_subsets=5, subset_size=100, seed=3) == im.kid(x, y, n_subsets=5, subset_size=100, seed=3)  # seeded
 
 
 def test_prdc_on_a_hand_computed_case():
@@ -166,12 +170,35 @@ def test_dino_preprocess_matches_the_hugging_face_processor():
     config = dict(RAD_DINO_PREPROCESSOR, size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518})
     config.pop("image_processor_type")
     hf = BitImageProcessorPil(**config)
-    image = np.random.default_rng(0).integers(0, 256, (299, 320, 3), dtype=np.uint8)
-    expected = np.asarray(hf(image, return_tensors="np")["pixel_values"])[0]
-    ours = DinoPreprocess(mean=(0.5307,) * 3, std=(0.2583,) * 3)(torch.from_numpy(image).permute(2, 0, 1)[None])[0].numpy()
-    assert ours.shape == expected.shape == (3, 518, 518)
-    diff = np.abs(ours - expected) * 0.2583 * 255  # in grey levels
-    assert diff.max() <= 1.01 and (diff > 0.5).mean() < 0.01  # PIL's fixed-point rounding: off by one level at most
+    rng = np.random.default_rng(0)
+    for shape in ((299, 299, 3), (299, 320, 3), (340, 300, 3)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        expected = np.asarray(hf(image, return_tensors="np")["pixel_values"])[0]
+        ours = DinoPreprocess()(torch.from_numpy(image).permute(2, 0, 1)[None])[0].numpy()  # defaults: RAD-DINO's own
+        assert ours.shape == expected.shape == (3, 518, 518)
+        np.testing.assert_array_equal(ours, expected)  # uint8 images go through the processor's own PIL path
+    grey = rng.integers(0, 256, (1, 1, 299, 299), dtype=np.uint8)
+    expected = np.asarray(hf(np.repeat(grey[0].transpose(1, 2, 0), 3, axis=-1), return_tensors="np")["pixel_values"])[0]
+    np.testing.assert_array_equal(DinoPreprocess()(torch.from_numpy(grey))[0].numpy(), expected)
+    # float images (REPA targets) take the torch resize with the same kernel, unrounded and unclipped:
+    # on a smooth image (no bicubic overshoot past 0 or 255) within a grey level of the processor
+    smooth = (np.add.outer(np.arange(299), np.arange(299)) * 255 / 596).astype(np.uint8)[None, None]
+    expected = np.asarray(hf(np.repeat(smooth[0].transpose(1, 2, 0), 3, axis=-1), return_tensors="np")["pixel_values"])[0]
+    floats = DinoPreprocess()(torch.from_numpy(smooth).float() / 255)[0].numpy()
+    assert np.abs(floats - expected).max() * 0.2583 * 255 < 1.0
+
+
+def test_rad_dino_without_preprocessor_config_uses_its_own_normalisation(rad_dino_dir, tmp_path, caplog):
+    folder = tmp_path / "rad-dino"
+    shutil.copytree(rad_dino_dir, folder)
+    (folder / "preprocessor_config.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="unix.eval.features"):
+        extractor = RadDinoExtractor(folder, device="cpu")
+    p = extractor.preprocess
+    assert p.mean == (0.5307,) * 3 and p.std == (0.2583,) * 3  # microsoft/rad-dino's processor, not ImageNet's
+    assert (p.shortest_edge, p.crop_height, p.crop_width, p.resample) == (518, 518, 518, 3)  # bicubic
+    assert "no preprocessor_config.json" in caplog.text and "0.5307" in caplog.text
+    assert RAD_DINO_MEAN == (0.5307,) * 3 and RAD_DINO_STD == (0.2583,) * 3
 
 
 def test_missing_rad_dino_folder_is_a_user_error(tmp_path):
@@ -220,12 +247,29 @@ def test_eval_images_end_to_end(tmp_path, rad_dino_dir, capsys):
     assert result["n_real"] == 14 and result["n_fake"] == 14 and result["features"] == "raddino"
     assert [s["path"].endswith("broken.png") for s in result["skipped"]["fake"]] == [True]
     assert len(result["shards"]) == 2
-    assert result["metrics"]["fd"] == pytest.approx(np.mean([s["fd"] for s in result["shards"]]))
-    assert set(result["metrics"]) == {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage"}
+    # default protocol "release": 3-decimal shard values, their mean rounded again; no kid_std
+    assert result["protocol"]["name"] == "release" and result["protocol"]["decimals"] == 3
+    assert result["protocol"]["deviations"] == ["dedup path (authors: prompt)", "n_shards 2 (authors: 4)", "kid_subsets 10 (authors: 100)"]
+    assert result["metrics"]["fd"] == round(sum(s["fd"] for s in result["shards"]) / 2, 3)
+    assert all(s["fd"] == round(s["fd"], 3) for s in result["shards"])
+    assert set(result["metrics"]) == {"fd", "kid", "precision", "recall", "density", "coverage"}
     assert "metrics" in result["conditional"]["Cardiomegaly"] and "skipped" in result["conditional"]["Edema"]
     printed = capsys.readouterr().out
-    assert "| FD |" in printed and "| Cardiomegaly | 7 | 7 |" in printed
+    assert "| FD |" in printed and "| Cardiomegaly | 7 | 7 |" in printed and "Protocol release:" in printed
     assert not list(out.parent.glob(".*.tmp"))
+    with pytest.raises(UserError, match="--overwrite"):
+        args.handler(args)  # never replaces a result without --overwrite
+
+    args = _parse([
+        "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--weights-dir", str(rad_dino_dir.parent),
+        "--out", str(out), "--overwrite", "--device", "cpu", "--shards", "2", "--kid-subsets", "10", "--protocol", "exact",
+    ])
+    assert args.handler(args) == 0
+    exact = json.loads(out.read_text())
+    assert exact["protocol"]["name"] == "exact" and exact["protocol"]["decimals"] is None and "deviations" not in exact["protocol"]
+    assert exact["metrics"]["fd"] == pytest.approx(np.mean([s["fd"] for s in exact["shards"]]))
+    assert set(exact["metrics"]) == {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage"}
+    assert exact["metrics"]["fd"] == pytest.approx(result["metrics"]["fd"], abs=1e-3)  # release: exact, rounded twice
 
 
 def test_eval_images_with_a_plugged_extractor_and_manifest(tmp_path, capsys):

@@ -6,22 +6,27 @@ An extractor maps a batch of images to one feature vector per image:
 
 `get_extractor(name, weights_dir)` builds one: "raddino" (RAD-DINO CLS features, the paper's
 FD/KD-RadDino) or "phantom" (the CXR-Phantom classifier, `unix.eval.phantom_classifier`, whose module
-provides `load_extractor(weights_dir, device) -> FeatureExtractor`).
+provides `load_extractor(weights_dir, device) -> FeatureExtractor`). `load_image` reads a file into the
+pixels the extractors see, as the authors' metric script does.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from unix.errors import UserError
+
+log = logging.getLogger(__name__)
 
 REFERENCE_INPUT_SIZE = 299  # CheXGenBench resizes every image to 299x299 (bilinear, uint8) before any feature model
 
@@ -69,10 +74,33 @@ def extract_features(
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
+def load_image(path: Path, size: int, released_round_trip: bool = False) -> torch.Tensor:
+    """(3, size, size) uint8, as CheXGenBench's metrics/fid.py loads images: PIL `convert("RGB")`, then
+    torchvision `Resize((size, size))`, which on a PIL image is PIL's bilinear resize (antialiased when
+    shrinking).
+
+    `released_round_trip` adds the rest of the authors' path: `ToTensor` (float32 / 255), `* 255` and a
+    truncating cast to uint8. Truncation could turn k into k - 1, but in IEEE float32 (k / 255) * 255
+    rounds back to exactly k for all 256 levels (also with the reciprocal multiply CUDA uses for a
+    scalar division), so both settings give the same bytes; the release protocol keeps the step
+    anyway, so that it does what the authors did rather than what we proved equal."""
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+    if released_round_trip:
+        pixels = (pixels.to(torch.float32).div(255) * 255).to(torch.uint8)
+    return pixels
+
+
 # --- RAD-DINO ---------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# microsoft/rad-dino's preprocessor_config.json (a BitImageProcessor): image_mean and image_std, the same
+# for the three channels (its own MIMIC-CXR statistics, not ImageNet's), shortest edge 518, bicubic,
+# centre crop 518. Used when a RAD-DINO folder has no preprocessor_config.json.
+RAD_DINO_MEAN = (0.5307, 0.5307, 0.5307)
+RAD_DINO_STD = (0.2583, 0.2583, 0.2583)
+RAD_DINO_SIZE = 518
+RESCALE_FACTOR = 1 / 255  # BitImageProcessor rescale_factor (0.00392156862745098)
 PIL_BILINEAR, PIL_BICUBIC = 2, 3  # PIL resample codes as stored in preprocessor_config.json
 
 
@@ -107,20 +135,26 @@ def resample_matrix(in_size: int, out_size: int, resample: int) -> torch.Tensor:
 
 @dataclass
 class DinoPreprocess:
-    """The Hugging Face BitImageProcessor of microsoft/rad-dino, in torch: resize the shortest side,
-    centre crop, rescale to [0, 1], normalise."""
+    """The Hugging Face BitImageProcessor of microsoft/rad-dino: resize the shortest side, centre crop,
+    rescale to [0, 1], normalise. uint8 images take the processor's own path (PIL resize of the uint8
+    image, float64 rescale cast to float32, float32 normalisation), so they give its pixel values
+    exactly; float images in [0, 1] (REPA targets, differentiable inputs) are resized in torch with the
+    same PIL kernels, without uint8 rounding."""
 
-    shortest_edge: int = 518
-    crop_height: int | None = 518  # None: no centre crop
-    crop_width: int | None = 518
+    shortest_edge: int = RAD_DINO_SIZE
+    crop_height: int | None = RAD_DINO_SIZE  # None: no centre crop
+    crop_width: int | None = RAD_DINO_SIZE
     resample: int = PIL_BICUBIC
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] = RAD_DINO_MEAN
+    std: tuple[float, ...] = RAD_DINO_STD
+    rescale_factor: float = RESCALE_FACTOR
 
     @classmethod
     def from_folder(cls, folder: Path) -> "DinoPreprocess":
         path = folder / "preprocessor_config.json"
         if not path.is_file():
+            log.warning("%s: no preprocessor_config.json; using microsoft/rad-dino's values (mean %s, std %s, "
+                        "shortest edge %d bicubic, centre crop %d)", folder, RAD_DINO_MEAN[0], RAD_DINO_STD[0], RAD_DINO_SIZE, RAD_DINO_SIZE)
             return cls()
         try:
             cfg = json.loads(path.read_text())
@@ -137,31 +171,45 @@ class DinoPreprocess:
             resample=cfg.get("resample", cls.resample),
             mean=tuple(cfg.get("image_mean", cls.mean)),
             std=tuple(cfg.get("image_std", cls.std)),
+            rescale_factor=cfg.get("rescale_factor", cls.rescale_factor),
         )
+
+    def _resized_size(self, H: int, W: int) -> tuple[int, int]:
+        short, long = (H, W) if H <= W else (W, H)
+        new_long = int(self.shortest_edge * long / short)
+        return (self.shortest_edge, new_long) if H <= W else (new_long, self.shortest_edge)
+
+    def _resize_uint8(self, images: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+        """PIL's resize of each uint8 image, as the processor does (channels resized independently)."""
+        out = []
+        for image in images.cpu().numpy():  # (C, H, W)
+            mode = "RGB" if image.shape[0] == 3 else "L"
+            pil = Image.fromarray(image.transpose(1, 2, 0) if mode == "RGB" else image[0], mode=mode)
+            resized = np.asarray(pil.resize((out_w, out_h), resample=self.resample, reducing_gap=None))
+            out.append(resized.transpose(2, 0, 1) if mode == "RGB" else resized[None])
+        return torch.from_numpy(np.stack(out)).to(images.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1|3, H, W) uint8 or float in [0, 1] -> (B, 3, crop_h, crop_w) float32, normalised."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be (B, 1|3, H, W), got {tuple(images.shape)}")
-        is_uint8 = images.dtype == torch.uint8
-        x = images.expand(-1, 3, -1, -1).double()
-        H, W = x.shape[-2:]
-        short, long = (H, W) if H <= W else (W, H)
-        new_long = int(self.shortest_edge * long / short)
-        out_h, out_w = (self.shortest_edge, new_long) if H <= W else (new_long, self.shortest_edge)
-        # PIL resizes uint8 images horizontally then vertically, rounding to uint8 after each pass
-        rw = resample_matrix(W, out_w, self.resample).to(x.device)
-        rh = resample_matrix(H, out_h, self.resample).to(x.device)
-        x = x @ rw.T
-        x = x.round().clamp(0, 255) if is_uint8 else x
-        x = rh @ x
-        x = x.round().clamp(0, 255) / 255 if is_uint8 else x
+        out_h, out_w = self._resized_size(*images.shape[-2:])
+        if images.dtype == torch.uint8:
+            x = self._resize_uint8(images, out_h, out_w).expand(-1, 3, -1, -1)
+        else:
+            rh = resample_matrix(images.shape[-2], out_h, self.resample).to(images.device)
+            rw = resample_matrix(images.shape[-1], out_w, self.resample).to(images.device)
+            x = rh @ images.expand(-1, 3, -1, -1).double() @ rw.T
         if self.crop_height is not None:
             top, left = (out_h - self.crop_height) // 2, (out_w - self.crop_width) // 2
             x = x[..., top : top + self.crop_height, left : left + self.crop_width]
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).float()
+        if images.dtype == torch.uint8:
+            x = (x.double() * self.rescale_factor).float()  # the processor rescales in float64, then casts
+        else:
+            x = x.float()
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
 
 class RadDinoExtractor:
@@ -187,7 +235,7 @@ class RadDinoExtractor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = self.preprocess(images.to(self.device))
+        pixels = self.preprocess(images.cpu()).to(self.device)  # the processor resizes with PIL, on the CPU
         hidden = self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + registers + patches, D)
         return hidden[:, 0].float().cpu()
 

@@ -1,13 +1,18 @@
 """`unix eval images`: distribution metrics between real and generated chest X-rays.
 
-    unix eval images --real DIR|manifest --fake DIR|manifest [--features raddino|phantom]
-                     [--labels labels.csv] [--out results.json]
+    unix eval images --real DIR|list [--real-root DIR] --fake DIR|list [--fake-root DIR]
+                     [--protocol release|exact] [--features raddino|phantom] [--labels labels.csv] [--out results.json]
 
-Images come from a folder (PNG/JPG, searched recursively, sorted by path) or a CSV/JSONL manifest
-with a `path` column (relative paths are relative to the manifest) and an optional `id`. An image's
-id is the manifest `id`, else its path relative to the folder (or its file name) without extension.
+Image lists: a folder (PNG/JPG, searched recursively, sorted by path); a CSV/JSONL manifest with a
+`path` column and optional `id`, `annotated_prompt` (or `prompt`) and `chexpert_labels`, such as the
+authors' real-image CSV (LLAVARAD_ANNOTATIONS_TEST.csv); or, for --fake, the authors' generation-prompt
+CSV (`synthetic_filename`, `annotated_prompt`). Relative paths are under --real-root / --fake-root
+(default: the list's folder). An image's id is the manifest `id`, else its path relative to the folder
+(or its file name) without extension. Real images with the same prompt are counted once (the first).
 `--labels` is a CSV with an `id` column and CheXpert finding columns (1 positive; 0, -1, blank not);
 it adds per-finding metrics on the real and fake images whose ids are labelled positive.
+
+`evaluate_image_sets` is the library entry point (`unix eval paper` calls it).
 """
 
 from __future__ import annotations
@@ -15,63 +20,99 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from unix.data.release_files import FILENAME_COLUMN, PROMPT_COLUMN, parse_labels, read_generation_prompts
 from unix.errors import UserError
 from unix.eval import image_metrics as im
-from unix.eval.features import EXTRACTORS, extract_features, get_extractor
+from unix.eval.features import EXTRACTORS, REFERENCE_INPUT_SIZE, FeatureExtractor, extract_features, get_extractor, load_image
 from unix.infer.io import atomic_write, read_table
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PROMPT_COLUMNS = (PROMPT_COLUMN, "prompt")  # the authors' CSVs call it annotated_prompt
+AUTHORS_SETTINGS = {  # metrics/fid.py as scripts/image_quality_metrics_memory_saving.sh runs it
+    "dedup": "prompt", "n_shards": im.N_SHARDS, "kid_subsets": im.KID_SUBSETS, "nearest_k": im.NEAREST_K, "input_size": REFERENCE_INPUT_SIZE,
+}
 
 
 @dataclass
 class ImageItem:
     id: str
     path: Path
+    prompt: str | None = None  # the text the image was generated from / reported with; None: not given
+    labels: dict | None = None  # CheXpert name -> 1.0 / 0.0 / -1.0 / None, from a `chexpert_labels` cell
 
 
-def list_images(source: str | Path) -> list[ImageItem]:
-    """The images of a folder or of a CSV/JSONL manifest, in order."""
+def _manifest_item(row, n: int, source: Path, root: Path) -> ImageItem:
+    if not isinstance(row, dict) or not row.get("path"):
+        raise UserError(f"{source}: row {n} has no `path`")
+    path = Path(row["path"])
+    path = path if path.is_absolute() else root / path
+    prompt = next((row[c] for c in PROMPT_COLUMNS if c in row), None)
+    labels = row.get("chexpert_labels")  # a dict literal in the authors' CSVs, a dict in JSONL
+    labels = parse_labels(labels, f"{source}: row {n}") if isinstance(labels, str) else labels
+    return ImageItem(str(row.get("id") or path.stem), path, None if prompt is None else str(prompt),
+                     labels if isinstance(labels, dict) and labels else None)
+
+
+def list_images(source: str | Path, root: str | Path | None = None, generated: bool = False) -> list[ImageItem]:
+    """The images of a folder or of a list, in order. `root`: the folder relative paths are under (default:
+    the list's folder). `generated`: a CSV with `synthetic_filename` is read as the authors'
+    generation-prompt CSV (its `path` column names the real image, not the generated one)."""
     source = Path(source)
     if source.is_dir():
+        if root is not None:
+            raise UserError(f"{source}: a root folder applies to CSV/JSONL lists, not to a folder of images")
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         return [ImageItem(p.relative_to(source).with_suffix("").as_posix(), p) for p in paths]
     if not source.is_file():
         raise UserError(f"{source}: no such folder or manifest")
     if source.suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"{source}: expected a folder of images or a .csv/.jsonl manifest")
-    items = []
-    for n, row in enumerate(read_table(source), start=1):
-        if not isinstance(row, dict) or not row.get("path"):
-            raise UserError(f"{source}: row {n} has no `path`")
-        path = Path(row["path"])
-        path = path if path.is_absolute() else source.parent / path
-        items.append(ImageItem(str(row.get("id") or path.stem), path))
+    root = Path(root) if root is not None else source.parent
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder (the root of the paths in {source})")
+    rows = read_table(source)
+    if generated and rows and FILENAME_COLUMN in rows[0]:
+        items = [ImageItem(p.id, root / p.filename, p.prompt, p.labels or None) for p in read_generation_prompts(source)]
+    else:
+        items = [_manifest_item(row, n, source, root) for n, row in enumerate(rows, start=1)]
+    if items and not any(item.path.is_file() for item in items):
+        raise UserError(f"{source}: none of its {len(items)} images exists (first: {items[0].path}); "
+                        "relative paths are under the list's folder unless a root folder is given (--real-root, --fake-root)")
     return items
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) uint8, as CheXGenBench loads images: RGB, bilinear resize to a square."""
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+def deduplicate(items: list[ImageItem]) -> tuple[list[ImageItem], str]:
+    """The authors' de-duplication of the real list: one row per prompt, the first in list order (pandas
+    `drop_duplicates(subset=["annotated_prompt"])`, where empty prompts count as one). A list without
+    prompts is de-duplicated by file. Returns the kept items and the key used ("prompt" or "path")."""
+    by_prompt = any(item.prompt is not None for item in items)
+    seen, kept = set(), []
+    for item in items:
+        key = (item.prompt or "") if by_prompt else item.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            kept.append(item)
+    return kept, "prompt" if by_prompt else "path"
 
 
-def features_of(items: list[ImageItem], extractor, batch_size: int, desc: str) -> tuple[np.ndarray, list[ImageItem], list[dict]]:
-    """Features of every readable image; unreadable ones are reported and left out."""
+def features_of(items: list[ImageItem], extractor, batch_size: int, desc: str, released_round_trip: bool = False):
+    """Features of every readable image; unreadable ones are reported and left out.
+    Returns (features (N, D) float32, the kept items, the skipped [{path, error}])."""
     kept, skipped = [], []
 
     def readable():
         for item in items:
             try:
-                image = load_image(item.path, extractor.input_size)
+                image = load_image(item.path, extractor.input_size, released_round_trip)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 log.warning("skipping %s: %s", item.path, e)
                 skipped.append({"path": str(item.path), "error": str(e)})
@@ -81,6 +122,96 @@ def features_of(items: list[ImageItem], extractor, batch_size: int, desc: str) -
 
     feats = extract_features(extractor, readable(), batch_size=batch_size, total=len(items), desc=desc)
     return feats, kept, skipped
+
+
+def describe_protocol(protocol: str, dedup: str, n_shards: int, kid_subsets: int, nearest_k: int, seed: int, input_size: int) -> dict:
+    """What a result's numbers mean: the protocol, its settings, and where they depart from the authors'."""
+    release = protocol == "release"
+    record = {
+        "name": protocol,
+        "meaning": im.PROTOCOLS[protocol],
+        "dedup": dedup,
+        "n_shards": n_shards,
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": "min(N_real, N_fake) of each shard",
+        "kid_sampling": (f"torch.randperm from a torch.Generator seeded {seed} in each shard; the authors drew from torch's "
+                         "global generator in a state that cannot be reproduced, which matters only when a shard's "
+                         "N_real != N_fake") if release else f"numpy default_rng({seed}) in each shard",
+        "nearest_k": nearest_k,
+        "seed": seed,
+        "input_size": input_size,
+        "decimals": im.RELEASE_DECIMALS if release else None,
+        "unreadable": "left out and listed under `skipped` (the authors' loader puts a black image in their place)",
+    }
+    if release:
+        deviations = [f"{key} {record[key]} (authors: {value})" for key, value in AUTHORS_SETTINGS.items() if record[key] != value]
+        if deviations:
+            record["deviations"] = deviations
+    return record
+
+
+def evaluate_image_sets(
+    real: list[ImageItem],
+    fake: list[ImageItem],
+    extractor: FeatureExtractor,
+    protocol: im.Protocol = "release",
+    batch_size: int = 32,
+    n_shards: int = im.N_SHARDS,
+    kid_subsets: int = im.KID_SUBSETS,
+    nearest_k: int = im.NEAREST_K,
+    seed: int = im.SEED,
+    labels: dict[str, np.ndarray] | None = None,
+    min_images: int = 10,
+) -> dict:
+    """FD, KID and PRDC between two image lists under `protocol` (`image_metrics.PROTOCOLS`).
+
+    Returns {features, protocol (what was done and what it means), n_real, n_fake (readable images after
+    de-duplication), n_real_listed, duplicates_dropped (real rows whose prompt, or file, repeats an
+    earlier one), metrics {fd, kid, precision, recall, density, coverage; + kid_std under "exact"},
+    shards (per-shard metrics), skipped {real, fake}} and, with `labels` (id -> CheXpert row),
+    `labelled` and per-finding `conditional` metrics on the images whose ids are labelled positive
+    (unsharded, as the authors' conditional script)."""
+    if protocol not in im.PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; known: {', '.join(im.PROTOCOLS)}")
+    if n_shards < 1 or batch_size < 1:
+        raise UserError("the number of shards and the batch size must be at least 1")
+    listed = len(real)
+    real, dedup = deduplicate(real)
+    n_duplicates = listed - len(real)
+    if n_duplicates:
+        log.info("dropped %d real rows whose %s repeats an earlier one", n_duplicates, dedup)
+    round_trip = protocol == "release"
+    real_f, real, real_skipped = features_of(real, extractor, batch_size, "real", round_trip)
+    fake_f, fake, fake_skipped = features_of(fake, extractor, batch_size, "fake", round_trip)
+    need = im.min_samples(nearest_k) * n_shards
+    if min(len(real_f), len(fake_f)) < need:
+        first = next(iter(real_skipped + fake_skipped), None)
+        hint = f"; first unreadable: {first['path']} ({first['error']})" if first else ""
+        raise UserError(f"{len(real_f)} real and {len(fake_f)} fake readable images: {n_shards} shard(s) with k={nearest_k} "
+                        f"need at least {need} of each (fewer shards: --shards){hint}")
+    metric_fn = partial(im.image_metrics, kid_subsets=kid_subsets, nearest_k=nearest_k, seed=seed, protocol=protocol)
+    shards = im.shard_values(metric_fn, real_f, fake_f, n_shards)
+    result = {
+        "features": extractor.name,
+        "protocol": describe_protocol(protocol, dedup, n_shards, kid_subsets, nearest_k, seed, extractor.input_size),
+        "n_real": len(real_f),
+        "n_fake": len(fake_f),
+        "n_real_listed": listed,
+        "duplicates_dropped": n_duplicates,
+        "metrics": im.combine(shards, protocol),
+        "shards": shards,
+        "skipped": {"real": real_skipped, "fake": fake_skipped},
+    }
+    if labels is not None:
+        n_findings = len(im.CHEXPERT_FINDINGS)
+        real_labels, real_found = _labels_for(real, labels, n_findings)
+        fake_labels, fake_found = _labels_for(fake, labels, n_findings)
+        if real_found + fake_found == 0:
+            raise UserError("none of the label ids match an image id (ids are manifest `id`s or file names without extension)")
+        result["labelled"] = {"real": real_found, "fake": fake_found}
+        result["conditional"] = im.conditional_metrics(
+            metric_fn, real_f, fake_f, real_labels, fake_labels, min_images=max(min_images, im.min_samples(nearest_k)))
+    return result
 
 
 def read_labels(path: Path, findings: tuple[str, ...] = im.CHEXPERT_FINDINGS) -> dict[str, np.ndarray]:
@@ -112,80 +243,52 @@ def _labels_for(items: list[ImageItem], labels: dict[str, np.ndarray], n_finding
     return np.stack([labels.get(item.id, missing) for item in items]) if items else np.zeros((0, n_findings)), found
 
 
+METRIC_LABELS = ("FD", "KID", "precision", "recall", "density", "coverage")
+
+
+def _values(m: dict, release: bool) -> list[str]:
+    kid = f"{m['kid']:.3f}" if release else f"{m['kid']:.4f}" + (f" ± {m['kid_std']:.4f}" if "kid_std" in m else "")
+    return [f"{m['fd']:.3f}", kid, *(f"{m[k]:.3f}" for k in ("precision", "recall", "density", "coverage"))]
+
+
 def format_table(result: dict) -> str:
-    m = result["metrics"]
+    p = result["protocol"]
+    release = p["name"] == "release"
     lines = [
         f"Image metrics ({result['features']} features, {result['n_real']} real, {result['n_fake']} fake, "
-        f"{result['protocol']['n_shards']}-shard average)",
+        f"{p['n_shards']}-shard average, protocol {p['name']})",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| FD | {m['fd']:.3f} |",
-        f"| KID | {m['kid']:.4f} ± {m['kid_std']:.4f} |",
-        *(f"| {name} | {m[name]:.3f} |" for name in ("precision", "recall", "density", "coverage")),
+        *(f"| {name} | {value} |" for name, value in zip(METRIC_LABELS, _values(result["metrics"], release))),
+        "",
+        f"Protocol {p['name']}: {p['meaning']}.",
     ]
+    if result["duplicates_dropped"]:
+        lines.append(f"Real rows dropped because their {p['dedup']} repeats an earlier row's: {result['duplicates_dropped']}.")
+    if p.get("deviations"):
+        lines.append(f"Not the authors' settings: {'; '.join(p['deviations'])}.")
     if result.get("conditional"):
         lines += ["", "| finding | real | fake | FD | KID | precision | recall | density | coverage |", "|---|---|---|---|---|---|---|---|---|"]
         for finding, entry in result["conditional"].items():
-            if "metrics" in entry:
-                c = entry["metrics"]
-                values = f"{c['fd']:.3f} | {c['kid']:.4f} | " + " | ".join(f"{c[k]:.3f}" for k in ("precision", "recall", "density", "coverage"))
-            else:
-                values = " | ".join(["-"] * 6)
-            lines.append(f"| {finding} | {entry['n_real']} | {entry['n_fake']} | {values} |")
+            values = _values(entry["metrics"], release) if "metrics" in entry else ["-"] * 6
+            lines.append(f"| {finding} | {entry['n_real']} | {entry['n_fake']} | {' | '.join(values)} |")
     if result["skipped"]["real"] or result["skipped"]["fake"]:
         lines += ["", f"Unreadable images skipped: {len(result['skipped']['real'])} real, {len(result['skipped']['fake'])} fake."]
     return "\n".join(lines)
 
 
 def run_images(args) -> int:
-    real_items, fake_items = list_images(args.real), list_images(args.fake)
-    n_dup = len(real_items) - len({item.path.resolve() for item in real_items})
-    if n_dup:  # CheXGenBench de-duplicates the real list (several prompts share one study image)
-        seen, unique = set(), []
-        for item in real_items:
-            if item.path.resolve() not in seen:
-                seen.add(item.path.resolve())
-                unique.append(item)
-        real_items = unique
-        log.info("dropped %d duplicate real images", n_dup)
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists (use --overwrite to replace it)")
+    real = list_images(args.real, args.real_root)
+    fake = list_images(args.fake, args.fake_root, generated=True)
     labels = read_labels(Path(args.labels)) if args.labels else None
-    if args.shards < 1 or args.batch_size < 1:
-        raise UserError("--shards and --batch-size must be at least 1")
-
     extractor = get_extractor(args.features, args.weights_dir, args.device)
-    real, real_items, real_skipped = features_of(real_items, extractor, args.batch_size, "real")
-    fake, fake_items, fake_skipped = features_of(fake_items, extractor, args.batch_size, "fake")
-    need = im.min_samples(args.nearest_k) * args.shards
-    if min(len(real), len(fake)) < need:
-        raise UserError(
-            f"{len(real)} real and {len(fake)} fake readable images: {args.shards} shard(s) with k={args.nearest_k} "
-            f"need at least {need} of each (fewer shards: --shards)"
-        )
-
-    def metric_fn(r, f):
-        return im.image_metrics(r, f, kid_subsets=args.kid_subsets, nearest_k=args.nearest_k, seed=args.seed)
-
-    shards = im.shard_values(metric_fn, real, fake, args.shards)
-    result = {
-        "features": args.features,
-        "n_real": len(real),
-        "n_fake": len(fake),
-        "protocol": {"n_shards": args.shards, "kid_subsets": args.kid_subsets, "nearest_k": args.nearest_k, "seed": args.seed, "input_size": extractor.input_size},
-        "metrics": im.average(shards),
-        "shards": shards,
-        "skipped": {"real": real_skipped, "fake": fake_skipped},
-    }
-    if labels is not None:
-        n_findings = len(im.CHEXPERT_FINDINGS)
-        real_labels, real_found = _labels_for(real_items, labels, n_findings)
-        fake_labels, fake_found = _labels_for(fake_items, labels, n_findings)
-        if real_found + fake_found == 0:
-            raise UserError(f"{args.labels}: none of its ids match an image id (ids are manifest `id`s or file names without extension)")
-        result["labelled"] = {"real": real_found, "fake": fake_found}
-        result["conditional"] = im.conditional_metrics(
-            metric_fn, real, fake, real_labels, fake_labels, min_images=max(args.min_images, im.min_samples(args.nearest_k))
-        )
+    result = evaluate_image_sets(
+        real, fake, extractor, protocol=args.protocol, batch_size=args.batch_size, n_shards=args.shards,
+        kid_subsets=args.kid_subsets, nearest_k=args.nearest_k, seed=args.seed, labels=labels, min_images=args.min_images,
+    )
     print(format_table(result))
     if args.out:
         atomic_write(args.out, json.dumps(result, indent=2) + "\n")
@@ -244,12 +347,23 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run_agreement)
 
     p = subparsers.add_parser("images", help="FD, KID and precision/recall/density/coverage between real and generated images")
-    p.add_argument("--real", required=True, help="folder of PNG/JPG images, or a CSV/JSONL manifest with a `path` column")
-    p.add_argument("--fake", required=True, help="generated images: folder or manifest, as --real")
+    p.add_argument("--real", required=True, help="folder of PNG/JPG images, or a CSV/JSONL list with a `path` column "
+                   "(and `annotated_prompt`/`prompt`: repeated prompts count once), e.g. the authors' "
+                   "LLAVARAD_ANNOTATIONS_TEST.csv")
+    p.add_argument("--real-root", help="folder the relative paths of --real are under (e.g. the MIMIC-CXR-JPG root; "
+                   "default: the list's folder)")
+    p.add_argument("--fake", required=True, help="generated images: folder, list as --real, or the authors' "
+                   "generation-prompt CSV (`synthetic_filename`)")
+    p.add_argument("--fake-root", help="folder the relative paths of --fake are under (the generated images; "
+                   "default: the list's folder)")
+    p.add_argument("--protocol", choices=list(im.PROTOCOLS), default="release",
+                   help="release (default): the authors' numbers (torchmetrics, each shard rounded to 3 decimals, "
+                   "their mean rounded again); exact: full precision")
     p.add_argument("--features", default="raddino", help=f"feature extractor: {', '.join(sorted(EXTRACTORS))} (default raddino)")
     p.add_argument("--weights-dir", default="weights", help="folder holding rad-dino/ and other metric weights")
     p.add_argument("--labels", help="CSV/JSONL with `id` and CheXpert finding columns: adds per-finding metrics")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--shards", type=int, default=im.N_SHARDS, help="average the metrics over this many equal parts (CheXGenBench: 4)")

@@ -4,7 +4,9 @@ the CheXGenBench 4-shard average, per-finding conditional metrics and finding ag
 Every metric takes two feature arrays, `real` (N, D) and `fake` (M, D), computed by one extractor
 (`unix.eval.features`). The protocol follows CheXGenBench as run by the UniX release
 (`reference/unix-compat.md` 6.2): metrics on 4 equal shards of the data, averaged; KID over 100
-random subsets of size min(N, M); PRDC with k = 5; conditional metrics unsharded.
+random subsets of size min(N, M); PRDC with k = 5; conditional metrics unsharded. Two protocols
+(`PROTOCOLS`): "release" computes each shard's values as the authors' torchmetrics code does and
+rounds them as their scripts do; "exact" keeps full float64 precision.
 """
 
 from __future__ import annotations
@@ -14,16 +16,34 @@ import io
 from typing import Callable, Literal
 
 import numpy as np
+import torch
 
 from unix.eval.chexpert import CHEXPERT_FINDINGS
 
 Metrics = dict[str, float]
 MetricFn = Callable[[np.ndarray, np.ndarray], "Metrics | float"]
+Protocol = Literal["release", "exact"]
 
 N_SHARDS = 4  # CheXGenBench: np.array_split of the real and the synthetic list into 4, metrics averaged
 KID_SUBSETS = 100  # CheXGenBench: torchmetrics KernelInceptionDistance(subsets=100)
 NEAREST_K = 5  # CheXGenBench: prdc.compute_prdc(real, fake, nearest_k=5)
 SEED = 42  # CheXGenBench seeds everything with 42
+RELEASE_DECIMALS = 3  # metrics/fid.py rounds each shard's values, tools/combine_shards.py their mean
+RELEASE_BATCH = 128  # scripts/image_quality_metrics_memory_saving.sh: torchmetrics sums features per batch of 128
+
+PROTOCOLS: dict[str, str] = {
+    "release": (
+        "the UniX authors' CheXGenBench scripts (eval/gen_metrics/metrics/fid.py, tools/combine_shards.py): "
+        "real rows de-duplicated by prompt (first kept), both lists split into 4 consecutive shards "
+        "(np.array_split); per shard FD and KID computed as torchmetrics computes them (FD cast to float32; KID "
+        "in float32 over 100 subsets of min(N_real, N_fake)) and PRDC with k = 5, each rounded to 3 decimals; "
+        "the reported value is the mean of the 4 rounded shard values, rounded to 3 decimals"
+    ),
+    "exact": (
+        "the same data, shards and metrics at full float64 precision: FD from a symmetric eigen-decomposition, "
+        "KID over 100 numpy-seeded subsets, the plain mean of the shard values, nothing rounded"
+    ),
+}
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -82,16 +102,89 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def kid(real, fake, n_subsets: int = KID_SUBSETS, subset_size: int | None = None, seed: int = SEED) -> tuple[float, float]:
-    """Kernel inception distance: mean and std of the unbiased MMD^2 over `n_subsets` random subsets of
-    `subset_size` (default min(N, M), as CheXGenBench) drawn without replacement from each set.
-    Unbiased, so it can be negative when the two sets come from one distribution."""
+    """Kernel inception distance: mean and (population, as torchmetrics) std of the unbiased MMD^2 over
+    `n_subsets` random subsets of `subset_size` (default min(N, M), as CheXGenBench) drawn without
+    replacement from each set. Unbiased, so it can be negative when the two sets come from one
+    distribution. With N = M = subset_size every subset is the whole set and the value is deterministic."""
     x, y = _pair(real, fake, min_n=2)
-    m = min(len(x), len(y)) if subset_size is None else subset_size
-    if not 2 <= m <= min(len(x), len(y)):
-        raise ValueError(f"subset_size {m} must be in [2, min(N, M) = {min(len(x), len(y))}]")
+    m = _subset_size(len(x), len(y), subset_size)
     rng = np.random.default_rng(seed)
     values = np.array([_mmd2_unbiased(x[rng.permutation(len(x))[:m]], y[rng.permutation(len(y))[:m]]) for _ in range(n_subsets)])
-    return float(values.mean()), float(values.std(ddof=1) if n_subsets > 1 else 0.0)
+    return float(values.mean()), float(values.std())
+
+
+def _subset_size(n: int, m: int, subset_size: int | None) -> int:
+    size = min(n, m) if subset_size is None else subset_size
+    if not 2 <= size <= min(n, m):
+        raise ValueError(f"subset_size {size} must be in [2, min(N, M) = {min(n, m)}]")
+    return size
+
+
+# --- the authors' computations, op for op (torchmetrics 1.2 - 1.9, prdc 0.2) ---------------------------
+
+
+def _torch_pair(real, fake, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features as the feature module returned them (float32 for RAD-DINO): the authors' metrics run in
+    that dtype, so it is kept rather than upcast."""
+    x, y = torch.as_tensor(np.asarray(real)), torch.as_tensor(np.asarray(fake))
+    _pair(x.numpy(), y.numpy(), min_n)  # shape, finiteness and size checks
+    return x, y
+
+
+def _torchmetrics_moments(f: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FrechetInceptionDistance.update/compute: float64 sums of x and x x^T per update batch, then mean
+    and (sum x x^T - n mu mu^T) / (n - 1)."""
+    total, outer = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+    for chunk in torch.split(f.double(), batch):
+        total += chunk.sum(dim=0)
+        outer += chunk.t().mm(chunk)
+    n = len(f)
+    mean = (total / n).unsqueeze(0)
+    return mean.squeeze(0), (outer - n * mean.t().mm(mean)) / (n - 1)
+
+
+def frechet_distance_torchmetrics(real, fake, batch: int = RELEASE_BATCH) -> float:
+    """FD as torchmetrics' FrechetInceptionDistance computes it from these features: Tr((S_r S_f)^1/2)
+    as the real parts of the complex square roots of the eigenvalues of the non-symmetric S_r S_f, the
+    result cast back to the features' dtype. Rounding noise in the zero eigenvalues of a singular S_r S_f
+    (N < D) enters this sum; `frechet_distance` removes it."""
+    x, y = _torch_pair(real, fake, min_n=2)
+    mu1, sigma1 = _torchmetrics_moments(x, batch)
+    mu2, sigma2 = _torchmetrics_moments(y, batch)
+    a = (mu1 - mu2).square().sum(dim=-1)
+    b = sigma1.trace() + sigma2.trace()
+    c = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum(dim=-1)
+    return float((a + b - 2 * c).to(x.dtype))
+
+
+def _poly_mmd(f_real: torch.Tensor, f_fake: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' poly_mmd: kernel (f1 f2^T / d + 1)^3, unbiased MMD^2 (diagonals left out of the
+    within-set sums, the cross sum divided by m^2); sums in the order torchmetrics takes them."""
+    gamma = 1.0 / f_real.shape[1]
+    k_xx, k_yy, k_xy = ((a @ b.T * gamma + 1.0) ** 3 for a, b in ((f_real, f_real), (f_fake, f_fake), (f_real, f_fake)))
+    m = k_xx.shape[0]
+    kt_xx_sum = (k_xx.sum(dim=-1) - torch.diag(k_xx)).sum()
+    kt_yy_sum = (k_yy.sum(dim=-1) - torch.diag(k_yy)).sum()
+    value = (kt_xx_sum + kt_yy_sum) / (m * (m - 1))
+    return value - 2 * k_xy.sum(dim=0).sum() / (m**2)
+
+
+def kid_torchmetrics(real, fake, n_subsets: int = KID_SUBSETS, subset_size: int | None = None, seed: int = SEED) -> tuple[float, float]:
+    """KID as torchmetrics' KernelInceptionDistance computes it (in the features' dtype; mean and
+    population std over subsets), with each subset's two `torch.randperm` draws taken from a generator
+    seeded `seed`. torchmetrics draws from torch's global generator, whose state in the authors' run
+    (seeded 42 at start, then consumed by model set-up and data loading) cannot be known; with
+    N_real = N_fake = subset size the draws do not matter."""
+    x, y = _torch_pair(real, fake, min_n=2)
+    m = _subset_size(len(x), len(y), subset_size)
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(n_subsets):
+        f_real = x[torch.randperm(len(x), generator=generator)[:m]]
+        f_fake = y[torch.randperm(len(y), generator=generator)[:m]]
+        scores.append(_poly_mmd(f_real, f_fake))
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
 
 
 def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -131,11 +224,30 @@ def min_samples(nearest_k: int = NEAREST_K) -> int:
     return nearest_k + 2
 
 
-def image_metrics(real, fake, kid_subsets: int = KID_SUBSETS, nearest_k: int = NEAREST_K, seed: int = SEED) -> Metrics:
-    """Every distribution metric on one pair of feature sets: fd, kid, kid_std, precision, recall,
-    density, coverage."""
+def image_metrics(
+    real, fake, kid_subsets: int = KID_SUBSETS, nearest_k: int = NEAREST_K, seed: int = SEED, protocol: Protocol = "exact",
+) -> Metrics:
+    """Every distribution metric on one pair of feature sets. "exact": fd, kid, kid_std, precision,
+    recall, density, coverage in float64. "release": fd, kid, precision, recall, density, coverage as
+    one run of the authors' metrics/fid.py reports them, each rounded to 3 decimals."""
+    if protocol == "release":
+        kid_mean, _ = kid_torchmetrics(real, fake, n_subsets=kid_subsets, seed=seed)
+        values = {"fd": frechet_distance_torchmetrics(real, fake), "kid": kid_mean, **prdc(real, fake, nearest_k)}
+        return {name: round(value, RELEASE_DECIMALS) for name, value in values.items()}
+    if protocol != "exact":
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     kid_mean, kid_std = kid(real, fake, n_subsets=kid_subsets, seed=seed)
     return {"fd": frechet_distance(real, fake), "kid": kid_mean, "kid_std": kid_std, **prdc(real, fake, nearest_k)}
+
+
+def combine(shards: list[Metrics], protocol: Protocol = "exact") -> Metrics:
+    """The reported values from per-shard metrics: their mean; under "release" as combine_shards.py
+    takes it: the rounded shard values as numpy float64 (it reads them back with pandas), summed in
+    shard order (theirs: directory-listing order), divided by the count and rounded by numpy, which
+    scales, rounds half to even and scales back: 0.8705 gives 0.87 where Python's round gives 0.871."""
+    if protocol == "release":
+        return {key: float(round(sum(np.float64(s[key]) for s in shards) / len(shards), RELEASE_DECIMALS)) for key in shards[0]}
+    return average(shards)
 
 
 def shard_values(metric_fn: MetricFn, real, fake, n_shards: int = N_SHARDS) -> list:
