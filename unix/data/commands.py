@@ -4,6 +4,7 @@ from __future__ import annotations
 
 SUBCOMMAND_MODULES = [
     "unix.data.phantom_commands",  # unix data phantom
+    "unix.data.mimic_commands",  # unix data mimic
 ]
 
 
