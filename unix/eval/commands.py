@@ -1,10 +1,12 @@
-"""`unix eval ...`: report metrics, label extraction and image metrics."""
+"""`unix eval ...`: report metrics, label extraction, image metrics and the paper's tables."""
 
 from __future__ import annotations
 
 SUBCOMMAND_MODULES = [
     "unix.eval.report_commands",  # unix eval reports | label
     "unix.eval.image_commands",  # unix eval images
+    "unix.eval.alignment_commands",  # unix eval alignment
+    "unix.eval.paper_commands",  # unix eval paper
 ]
 
 
