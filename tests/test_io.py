@@ -125,3 +125,17 @@ def test_expand_inputs_reads_the_authors_test_file(tmp_path):
     assert items[1].instruction == "Review this X-ray and provide detailed FINDINGS."
     assert items[1].reference == "FINDINGS: Small effusion."
     assert expand_inputs([str(tmp_path / "test_data.json")])[0].path == str(tmp_path / "files/p10/p100/s1/abc-1.jpg")
+
+
+def test_atomic_write_gives_outputs_the_usual_mode_and_leaves_no_temp_file(tmp_path):
+    import os
+
+    from unix.infer.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
