@@ -328,3 +328,18 @@ def test_repa_raddino_patches_follow_the_model(rad_dino_dir):
     tokens = target_tokens(encoder, images, 2, 2)  # area-averaged to a 2x2 latent grid, raster order
     assert tokens.shape == (8, 32)
     torch.testing.assert_close(tokens[5], fmap[1, :, :2, 2:].mean(dim=(1, 2)))
+
+
+def test_agreement_labels_can_be_the_authors_prompt_csv(tmp_path):
+    from unix.eval.chexpert import CHEXPERT_FINDINGS
+    from unix.eval.image_commands import read_labels
+
+    path = tmp_path / "generations_with_metadata.csv"
+    path.write_text('id,annotated_prompt,chexpert_labels,synthetic_filename\n'
+                    '0,Small effusion.,"{\'Pleural Effusion\': 1.0, \'Edema\': nan}",SyntheticImg_0.png\n'
+                    '1,Clear.,"{\'No Finding\': 1.0}",SyntheticImg_1.png\n')
+    labels = read_labels(path)
+    assert sorted(labels) == ["SyntheticImg_0", "SyntheticImg_1"]  # the generated images' names
+    effusion, edema = CHEXPERT_FINDINGS.index("Pleural Effusion"), CHEXPERT_FINDINGS.index("Edema")
+    assert labels["SyntheticImg_0"][effusion] == 1.0 and np.isnan(labels["SyntheticImg_0"][edema])
+    assert labels["SyntheticImg_1"][CHEXPERT_FINDINGS.index("No Finding")] == 1.0

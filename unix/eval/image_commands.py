@@ -9,7 +9,8 @@ authors' real-image CSV (LLAVARAD_ANNOTATIONS_TEST.csv); or, for --fake, the aut
 CSV (`synthetic_filename`, `annotated_prompt`). Relative paths are under --real-root / --fake-root
 (default: the list's folder). An image's id is the manifest `id`, else its path relative to the folder
 (or its file name) without extension. Real images with the same prompt are counted once (the first).
-`--labels` is a CSV with an `id` column and CheXpert finding columns (1 positive; 0, -1, blank not);
+`--labels` is a CSV with an `id` column and CheXpert finding columns (1 positive; 0, -1, blank not),
+or the authors' generation-prompt CSV (ids: the `synthetic_filename` stems; labels: `chexpert_labels`);
 it adds per-finding metrics on the real and fake images whose ids are labelled positive.
 
 `evaluate_image_sets` is the library entry point (`unix eval paper` calls it).
@@ -221,6 +222,10 @@ def read_labels(path: Path, findings: tuple[str, ...] = im.CHEXPERT_FINDINGS) ->
     rows = read_table(path) if path.suffix.lower() in (".csv", ".jsonl") else None
     if rows is None:
         raise UserError(f"{path}: labels must be a .csv or .jsonl file")
+    if rows and FILENAME_COLUMN in rows[0] and "chexpert_labels" in rows[0]:
+        # the authors' generation-prompt CSV: an image is named by `synthetic_filename`, its labels
+        # are the `chexpert_labels` dict of its prompt
+        rows = [{"id": p.id, **p.labels} for p in read_generation_prompts(path)]
     # `unix data phantom --png` metadata nests the labels: {"id": ..., "labels": {"Cardiomegaly": 1, ...}}
     rows = [{**row, **row["labels"]} if isinstance(row.get("labels"), dict) else row for row in rows]
     if rows and "id" not in rows[0]:
@@ -339,7 +344,7 @@ def run_agreement(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("agreement", help="finding agreement of generated phantom images with their prompts' labels")
     p.add_argument("--images", required=True, help="generated images: folder or CSV/JSONL manifest (ids = prompt ids, or ID_k)")
-    p.add_argument("--labels", required=True, help="CSV/JSONL with `id` and the 14 CheXpert columns of each prompt")
+    p.add_argument("--labels", required=True, help="CSV/JSONL with `id` and the 14 CheXpert columns of each prompt, or the authors' generation-prompt CSV (chexpert_labels)")
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
     p.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="how prompt labels of -1 count")
     p.add_argument("--device", default="auto")
