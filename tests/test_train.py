@@ -182,19 +182,30 @@ def test_bad_config_fails_before_compute(data, vae_file, tmp_path):
     Trainer(cfg_for("gen", tmp_path / "y", data, f"vae={vae_file}"))
 
 
-def test_checkpoints_are_loadable_weights_folders_and_keep_the_tokenizer(stage1, data, vae_file, tmp_path, monkeypatch, capsys):
+def test_checkpoints_export_to_weights_folders_and_keep_the_tokenizer(stage1, data, vae_file, tmp_path, monkeypatch, capsys):
     from PIL import Image
+    from safetensors.torch import load_file
 
     from unix.infer import ReportSettings, load_pipeline
 
     out = stage1[0]
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert not (ckpt / "model.safetensors").exists()  # DCP shards, not a weights folder
     Image.new("L", (64, 64), 128).save(tmp_path / "x.png")
-    assert isinstance(load_pipeline(ckpt, device="cpu").reports([str(tmp_path / "x.png")], ReportSettings(max_new_tokens=3))[0], str)
-    gen = run(cfg_for("gen", tmp_path / "g", data, f"init={out / 'final'}", f"vae={vae_file}", "steps=2"))
+    assert main(["train-export", str(ckpt), "--out", str(tmp_path / "mid")]) == 0
+    assert isinstance(load_pipeline(tmp_path / "mid", device="cpu").reports([str(tmp_path / "x.png")], ReportSettings(max_new_tokens=3))[0], str)
+    # the last checkpoint holds the weights the run exported (stage 1 keeps no EMA)
+    final, mid = load_file(str(out / "final" / "model.safetensors")), load_file(str(tmp_path / "mid" / "model.safetensors"))
+    assert final.keys() == mid.keys() and all(torch.equal(final[k], mid[k]) for k in final)
+    assert main(["train-export", str(ckpt), "--out", str(tmp_path / "mid")]) == 2  # never over a folder
+    assert main(["train-export", str(ckpt), "--out", str(tmp_path / "e"), "--ema"]) == 2  # no EMA kept
+    gen = run(cfg_for("gen", tmp_path / "g", data, f"init={out / 'final'}", f"vae={vae_file}", "steps=2", "optim.ema_decay=0.9"))
     assert gen
-    pipe = load_pipeline(tmp_path / "g" / "checkpoints" / "step-0000002", device="cpu")
+    assert main(["train-export", str(tmp_path / "g" / "checkpoints" / "step-0000002"), "--out", str(tmp_path / "gmid"), "--ema"]) == 0
+    pipe = load_pipeline(tmp_path / "gmid", device="cpu")
     assert pipe.images(["No finding."], [0], pipe.image_settings(size=64, steps=2))[0].shape == (64, 64)
+    ema, exported = load_file(str(tmp_path / "gmid" / "model.safetensors")), load_file(str(tmp_path / "g" / "final" / "model.safetensors"))
+    assert all(torch.equal(ema[k], exported[k]) for k in ema)  # the export at the end is the EMA too
     # resuming a from-scratch stage 1 reads its tokenizer back instead of training one again
     import unix.train.trainer as trainer_mod
 
@@ -230,6 +241,20 @@ def test_torchrun_two_processes(data, vae_file, tmp_path):
             assert res.returncode == 0, res.stderr[-3000:]
             steps = [json.loads(x)["step"] for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
             assert steps == [1, 2, 3, 4]
+            # each rank wrote its own shards; one process resumes them: the weights the two exported
+            step4 = tmp_path / stage / "checkpoints" / "step-0000004"
+            assert {p.name for p in step4.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+            from safetensors.torch import load_file
+
+            from unix.weights.released import to_released
+
+            import shutil
+
+            shutil.copytree(tmp_path / stage, tmp_path / "one")
+            one = Trainer(load_train_config(cfg, args + [f"out={tmp_path / 'one'}", "steps=5"]))
+            exported = load_file(str(tmp_path / stage / "final" / "model.safetensors"))
+            assert all(torch.equal(exported[k], v) for k, v in to_released(one.model.state_dict()).items())
+            assert [h["step"] for h in one.fit()] == [5]
             # replicas with one gradient all-reduce a step, stopped at 3 and resumed: the FSDP run's losses
             rep = [a.replace(f"out={tmp_path / stage}", f"out={tmp_path / 'rep'}") for a in args] + ["parallel=replicate"]
             for steps_arg in ("steps=3", "steps=4"):

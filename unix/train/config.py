@@ -22,6 +22,10 @@ class DataConfig:
     # (rows are then encoded one at a time, so a latent never depends on its batch); 0 = encode
     # every batch afresh
     latent_cache_gb: float = 2.0
+    # rows that cannot be read (an image that does not decode, no report, a shard pyarrow cannot
+    # read) are skipped, named in a warning and counted; past this many distinct ones a process
+    # stops, naming the last (0 = stop at the first)
+    max_bad_rows: int = 100
 
 
 @dataclass
@@ -72,7 +76,9 @@ class TrainConfig:
     # and the gen branch's residual outputs (o_proj, down_proj); 0 = every gen block starts as the identity
     gen_init_out_gain: float = 1.0
     timestep_shift: float = 1.0  # training t = sigmoid(N(0,1)), shifted s t / (1 + (s-1) t)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # bf16: bf16 compute, fp32 master weights, gradients and reductions (FSDP2's MixedPrecisionPolicy,
+    # on one process too); auto: bf16 on CUDA (fp32 for parallel=replicate), fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False
     # under torchrun: fsdp = FSDP2 per layer (large models, GPUs); replicate = a full model per rank
     # and one gradient all-reduce a step (small models on CPU cores: docs/BENCHMARKS.md)
@@ -87,6 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.data.image_size % 16:
             raise ConfigError(f"data.image_size={self.data.image_size} is not a multiple of 16")
+        if self.data.max_bad_rows < 0:
+            raise ConfigError("data.max_bad_rows must be >= 0")
         if self.data.latent_cache_gb < 0:
             raise ConfigError("data.latent_cache_gb must be >= 0")
         if not 0.0 <= self.data.caption_dropout < 1.0:

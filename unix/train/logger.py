@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from unix.errors import UserError
+from unix.infer.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        self.file = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        drop_replayed(path, start)
+        self.file = open(path, "a")
         self.bar = tqdm(total=total, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
         self.wandb = None
         if cfg.logger == "wandb":
@@ -47,3 +50,19 @@ class MetricsLogger:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def drop_replayed(path: Path, start: int) -> None:
+    """Keep the lines of steps up to `start` only: a run resumed from step `start` trains and logs
+    the later steps again, so their old lines would be duplicates (a line cut short by a crash goes too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step <= start:
+            kept.append(line + "\n")
+    atomic_write(path, "".join(kept))

@@ -53,15 +53,12 @@ class EMA:
         for n, p in named_params:
             self.shadow[n].lerp_(p.detach().float(), weight)
 
-    def state_dict(self) -> dict:
-        """Full tensors (FSDP2 shadows are DTensor shards: gathered here, a collective)."""
-        return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for n, t in state.items():
-            shadow = self.shadow[n]
-            if hasattr(shadow, "device_mesh"):  # re-shard the full tensor like its parameter
-                from torch.distributed.tensor import distribute_tensor
-
-                t = distribute_tensor(t.to(shadow.device), shadow.device_mesh, shadow.placements)
-            shadow.copy_(t)
+    def full(self, main: bool) -> dict:
+        """The full shadows on CPU on the main rank ({} elsewhere). FSDP2 shadows are DTensor shards,
+        gathered one tensor at a time (a collective: every rank calls this)."""
+        out = {}
+        for n, t in self.shadow.items():
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if main:
+                out[n] = t.cpu()
+        return out

@@ -2,7 +2,9 @@
 either FSDP2 shards the model (`parallel: fsdp`, the default), or every rank keeps a full replica
 and the gradients are averaged in one all-reduce a step (`parallel: replicate`, for small models
 on CPUs, where FSDP2's per-layer collectives cost more than they save). A single process needs
-none of it and runs the same code."""
+none of it and runs the same code, except in bf16: then FSDP2 wraps the model on a process group
+of one, only for its mixed precision (bf16 compute, fp32 master weights and gradients), so one
+GPU computes exactly as many do."""
 
 from __future__ import annotations
 
@@ -55,6 +57,27 @@ def all_sum(x: float, d: Dist) -> float:
     t = torch.tensor([float(x)], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item())
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    """Every rank's `obj`, by rank (small picklable state: data positions, RNG)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_model(model, d: Dist, mode: str, bf16: bool) -> None:
+    """Shard (FSDP2), replicate, or on one process leave the model as it is; bf16 always goes
+    through FSDP2's MixedPrecisionPolicy, on one process too."""
+    if d.world > 1 and mode == "replicate":
+        replicate_model(model, d)
+    elif d.world > 1 or bf16:
+        if not dist.is_initialized():
+            # FSDP2 needs a process group even for one rank; an in-process store needs no torchrun.
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        shard_model(model, d, bf16)
 
 
 def shard_model(model, d: Dist, bf16: bool) -> None:

@@ -147,7 +147,8 @@ class Repa:
         return target_tokens(self.encoder, images, h, w)
 
     def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return repa_loss_sum(self.head, hidden, targets.to(hidden.device))
+        # the head is a small fp32 module beside the model: bf16 hidden states are read in fp32
+        return repa_loss_sum(self.head, hidden.float(), targets.to(hidden.device))
 
     def step(self, lr: float, world: int) -> None:
         params = [p for p in self.head.parameters() if p.grad is not None]

@@ -10,7 +10,6 @@ reproduces an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from unix.config import ModelConfig, load_model_config, override_config, to_dict
-from unix.data.dataset import Item, Packer, RowStream, decode_gray
+from unix.data.dataset import READ_ERRORS, BadRow, Item, Packer, RowStream, decode_gray
 from unix.data.shards import shard_paths
 from unix.errors import UserError
 from unix.flow import interpolate, sample_t, velocity_target
@@ -31,14 +30,14 @@ from unix.models.vae import patchify
 from unix.models.vision import normalize_pixels
 from unix.tokenizer import REPORT_INSTRUCTION, Tokenizer, train_tokenizer
 from unix.train import parallel
-from unix.train.checkpoint import checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
+from unix.train.checkpoint import TrainingState, checkpoints, clean_unfinished, full_model_state, old_format, resume, save_checkpoint
 from unix.train.config import TrainConfig
+from unix.train.export import STAGES_FILE, find_vae, write_weights_folder
 from unix.train.logger import MetricsLogger
 from unix.train.optim import EMA, build_optimizer, lr_factor
-from unix.weights.folder import VAE_FILES, load_model, read_model_config, save_model
+from unix.weights.folder import CONFIG_FILE, VAE_FILES, load_model, read_model_config
 
 log = logging.getLogger(__name__)
-STAGES_FILE = "train.json"  # which stages a weights folder of ours has been trained through
 
 
 class LatentCache:
@@ -67,35 +66,33 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = self._build_model()
         self.token_side = self._token_side() if cfg.stage == "gen" else 0
-        self.tokenizer = self._tokenizer()
         self.codec = self._vae() if cfg.stage == "gen" else None
         self.latents = LatentCache(cfg.data.latent_cache_gb) if self.codec is not None and cfg.data.latent_cache_gb > 0 else None
         und = cfg.stage == "und"
         # vision_lr_scale 0 freezes the tower; the connector still trains
         self.model.set_trainable(und=und, gen=not und, vision=und, tower=und and cfg.optim.vision_lr_scale > 0)
-        self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.stream = RowStream(cfg.data.shards, cfg.data.split, cfg.seed, self.d.rank, self.d.world)
+        self.stream = RowStream(cfg.data.shards, cfg.data.split, cfg.seed, self.d.rank, self.d.world, cfg.data.max_bad_rows)
         self.packer = Packer(self.stream, self._item, cfg.data.token_budget, cfg.data.max_samples)
-        self.step, state = 0, self._resume_state()
+        self.step = 0
         self.model.to(self.d.device)
         self.repa = self._repa() if cfg.repa.encoder else None  # before sharding: "vision" copies the tower
         self.model.decoder.checkpointing = cfg.activation_checkpointing
-        if self.d.world > 1:
-            if cfg.parallel == "fsdp":
-                parallel.shard_model(self.model, self.d, bf16=self.bf16)
-            else:
-                parallel.replicate_model(self.model, self.d)
-            self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        parallel.wrap_model(self.model, self.d, cfg.parallel, self.bf16)
+        self.trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trained, cfg.optim)
         self.ema = EMA(self.trained, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        if state is not None:
-            self._restore(state)
+        resumed = self._resume()
+        self.tokenizer = self._tokenizer(resumed)
 
     # --- set-up ---------------------------------------------------------------------------
 
     @property
     def bf16(self) -> bool:
-        return self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.d.device.type == "cuda")
+        """bf16 compute with fp32 master weights (FSDP2's mixed precision, on one process too);
+        `auto` means on CUDA, except for replicas, which compute in fp32."""
+        if self.cfg.precision == "auto":
+            return self.d.device.type == "cuda" and not (self.d.world > 1 and self.cfg.parallel == "replicate")
+        return self.cfg.precision == "bf16"
 
     def _check_inputs(self) -> None:
         cfg = self.cfg
@@ -117,6 +114,11 @@ class Trainer:
                 raise UserError(f"{key}: file {value!r} not found")
         if cfg.stage == "gen" and not cfg.vae and not (cfg.init and any((Path(cfg.init) / v).is_file() for v in VAE_FILES)):
             raise UserError("vae: a generation stage needs a VAE (set vae=PATH or use an init folder with vae/)")
+        if self.bf16 and self.d.world > 1 and cfg.parallel == "replicate":
+            raise UserError("precision=bf16: replicas (parallel=replicate) compute in fp32; use parallel=fsdp for bf16")
+        if old_format(self.out):
+            raise UserError(f"out: {old_format(self.out)[-1]} is a checkpoint of an earlier unix (a weights folder with "
+                            "train_state.pt), which this one cannot resume; start from its weights with init=FOLDER and another out=")
         run = self.out / "run.json"
         if run.is_file() and checkpoints(self.out):  # a run that never saved a step has nothing to resume
             prev = json.loads(run.read_text())
@@ -163,6 +165,10 @@ class Trainer:
         if self.d.main:
             log.info(*args)
 
+    def _warn(self, *args) -> None:
+        if self.d.main:
+            log.warning(*args)
+
     def _init_gen(self, model: UniX) -> None:
         src = self.cfg.gen_init_from
         if src == "random":
@@ -186,40 +192,53 @@ class Trainer:
         path = Path(self.cfg.init) / STAGES_FILE
         return json.loads(path.read_text()).get("stages", []) if path.is_file() else []
 
-    def _tokenizer(self) -> Tokenizer:
-        # a resumed run keeps the tokenizer its checkpoints were trained with
-        resumed = [c for c in checkpoints(self.out)[-1:] if (c / "tokenizer.json").is_file()]
-        folder = self.cfg.tokenizer or self.cfg.init or self.cfg.janus or (str(resumed[0]) if resumed else "")
+    def _tokenizer(self, resumed: Path | None) -> Tokenizer:
+        # a resumed run keeps the tokenizer its checkpoint was trained with
+        stored = str(resumed) if resumed is not None and (resumed / "tokenizer.json").is_file() else ""
+        folder = self.cfg.tokenizer or self.cfg.init or self.cfg.janus or stored
         tokens = self.model.cfg.tokens
         if folder:
             return Tokenizer.from_folder(folder, tokens)
         # No tokenizer anywhere: train a byte-level BPE on this data's reports (our tiny models).
-        from unix.data.shards import iter_rows
-
-        reports = [r["report"] for r in iter_rows(self.cfg.data.shards, self.cfg.data.split, columns=["report"])]
+        reports = self._reports()
         if self.d.main:
             log.info("training a %d-token BPE tokenizer on %d reports", self.model.cfg.lm.vocab_size, len(reports))
         return train_tokenizer(reports, self.model.cfg.lm.vocab_size, tokens)
 
+    def _reports(self) -> list[str]:
+        """Every report text of the training split; a shard that cannot be read is named and left out
+        (its rows are skipped in training too)."""
+        import pyarrow.parquet as pq
+
+        reports = []
+        for path in shard_paths(self.cfg.data.shards, self.cfg.data.split):
+            try:
+                column = pq.read_table(path, columns=["report"]).column("report").to_pylist()
+            except READ_ERRORS as e:
+                self._warn("data: %s cannot be read (%s): its reports are left out of the tokenizer", path, e)
+                continue
+            reports += [r for r in column if isinstance(r, str)]
+        return reports
+
     def _vae(self):
         from unix.weights.ldm_vae import load_ldm_vae
 
-        path = Path(self.cfg.vae) if self.cfg.vae else next(Path(self.cfg.init) / v for v in VAE_FILES if (Path(self.cfg.init) / v).is_file())
-        self.vae_path = path
-        return load_ldm_vae(path, self.model.cfg.vae).to(self.d.device)
+        return load_ldm_vae(find_vae(self.cfg.vae, self.cfg.init), self.model.cfg.vae).to(self.d.device)
 
     def _item(self, row: dict) -> Item:
         cfg, mcfg = self.cfg, self.model.cfg
+        if not isinstance(row.get("report"), str):
+            raise BadRow("no report text")
         report = self.tokenizer.segment(row["report"])
         if cfg.stage == "und":
             prompt = self.tokenizer.segment(cfg.data.instruction or REPORT_INSTRUCTION)
-            image = decode_gray(row["image"], mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
+            image = decode_gray(row.get("image"), mcfg.vision.image_size, fill=1.0)  # white letterbox, as inference
             return Item(prompt, report, image, mcfg.vision.num_patches + 2 + len(prompt) + len(report))
         n_tokens = len(report) + self.token_side ** 2 + 2
         latent = self.latents.get(self.stream.key) if self.latents is not None else None
         if latent is not None and not cfg.repa.encoder:  # REPA's encoder reads the pixels
             return Item(report, [], None, n_tokens, latent)
-        image = decode_gray(row["image"], cfg.data.image_size, fill=0.0)
+        image = decode_gray(row.get("image"), cfg.data.image_size, fill=0.0)
         if latent is None and self.latents is not None:
             latent = self.latents.add(self.stream.key, self._encode(image[None])[0])
         return Item(report, [], image, n_tokens, latent)
@@ -230,25 +249,27 @@ class Trainer:
 
     # --- resume ---------------------------------------------------------------------------
 
-    def _resume_state(self) -> dict | None:
-        found = checkpoints(self.out)
-        if not found:
-            return None
-        if self.d.main:
-            log.info("resuming from %s", found[-1])
-        return load_checkpoint(found[-1], self.model)
+    def _state(self) -> TrainingState:
+        return TrainingState(self.model, self.optimizer, self.ema)
 
-    def _restore(self, state: dict) -> None:
+    def _resume(self) -> Path | None:
+        """Load the newest checkpoint of `out` that loads; returns its folder (None: a fresh run)."""
+        if self.d.main:
+            clean_unfinished(self.out)
+        parallel.barrier()
+        path, state = resume(self.out, self._state(), self.d)
+        if path is None:
+            return None
+        self._info("resumed from %s", path)
         self.step = int(state["step"])
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.packer.load_state_dict(state["data"])
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+        ranks = state["ranks"]
+        self.packer.load_state_dict([r["data"] for r in ranks])
         if self.repa is not None:
             if not state.get("repa"):
                 raise UserError(f"out: the checkpoint in {self.out} was written without REPA; resume with repa.encoder=''")
             self.repa.load_state_dict(state["repa"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(ranks[self.d.rank if len(ranks) == self.d.world else 0]["rng"])
+        return path
 
     # --- the step -------------------------------------------------------------------------
 
@@ -277,21 +298,21 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, mcfg, dev = self.cfg, self.model.cfg, self.d.device
+        skipped = self.stream.skipped
         items = self.packer.next_batch()
         samples, target, repa_targets = self._samples(items, self._generator(self.step))
         batch = pack(samples, mcfg.tokens, mcfg.vision.num_patches, mcfg.gen.max_latent_size).to(dev)
-        autocast = torch.autocast("cuda", torch.bfloat16) if self.bf16 and dev.type == "cuda" else contextlib.nullcontext()
-        with autocast:
-            repa_sum = None
-            if cfg.stage == "und":
-                out = self.model(batch, logits_at=batch.text_loss)
-                targets = batch.input_ids[:, 1:][batch.text_loss[:, :-1]]
-                loss_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
-            else:
-                out = self.model(batch, hidden_at=self.repa.layer if self.repa else None)
-                targets = target.to(dev)
-                loss_sum = (out.velocity.float() - targets).pow(2).mean(dim=-1).sum()
-                repa_sum = self.repa.loss_sum(out.tapped[batch.is_gen], repa_targets) if self.repa else None
+        # no autocast: in bf16 FSDP2 casts the weights (and the inputs) for the forward
+        repa_sum = None
+        if cfg.stage == "und":
+            out = self.model(batch, logits_at=batch.text_loss)
+            targets = batch.input_ids[:, 1:][batch.text_loss[:, :-1]]
+            loss_sum = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+        else:
+            out = self.model(batch, hidden_at=self.repa.layer if self.repa else None)
+            targets = target.to(dev)
+            loss_sum = (out.velocity.float() - targets).pow(2).mean(dim=-1).sum()
+            repa_sum = self.repa.loss_sum(out.tapped[batch.is_gen], repa_targets) if self.repa else None
         n_global = parallel.all_sum(targets.shape[0], self.d)
         total = loss_sum if repa_sum is None else loss_sum + self.repa.weight * repa_sum
         # Gradients are averaged over ranks, so scale by world: the result is sum / global count.
@@ -311,7 +332,8 @@ class Trainer:
         self.step += 1
         metrics = {"step": self.step, "loss": parallel.all_sum(loss_sum.item(), self.d) / n_global,
                    "grad_norm": float(grad_norm), "lr": lr, "tokens": parallel.all_sum(batch.input_ids.numel(), self.d),
-                   "samples": parallel.all_sum(len(items), self.d)}
+                   "samples": parallel.all_sum(len(items), self.d),
+                   "skipped_rows": parallel.all_sum(self.stream.skipped - skipped, self.d)}  # unreadable rows passed over
         if repa_sum is not None:
             metrics["repa"] = parallel.all_sum(repa_sum.item(), self.d) / n_global
         return metrics
@@ -325,46 +347,45 @@ class Trainer:
             (self.out / "run.json").write_text(json.dumps({"stage": cfg.stage, "model": cfg.model, "config": to_dict(cfg)}, indent=1))
         logger = MetricsLogger(self.out, cfg, total=cfg.steps, start=self.step, enabled=self.d.main)
         history = []
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            metrics = self.train_step()
-            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t0)
-            history.append(metrics)
-            logger.log(metrics, every=cfg.log_every)
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save()
-        logger.close()
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t0)
+                history.append(metrics)
+                logger.log(metrics, every=cfg.log_every)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            logger.close()
         self.export()
         return history
 
-    def _train_state(self) -> dict:
-        return {"data": self.packer.state_dict(), "ema": self.ema.state_dict() if self.ema else {}, "rng": torch.get_rng_state(),
-                "repa": self.repa.state_dict() if self.repa else {}}
-
     def save(self) -> None:
-        files = self._folder_files() if self.d.main else {}
-        save_checkpoint(self.out, self.step, self.model, self.optimizer, self._train_state(), self.cfg.keep_last, self.d.main, files)
+        rank_state = {"data": self.packer.state_dict(), "rng": torch.get_rng_state()}
+        shared = {"repa": self.repa.state_dict() if self.repa else {}}
+        save_checkpoint(self.out, self.step, self._state(), rank_state, shared, self.cfg.keep_last, self.d, self._checkpoint_files)
 
-    def _folder_files(self) -> dict[str, bytes]:
-        """What makes a weights folder loadable besides the weights: stages, tokenizer, the VAE."""
-        files = {STAGES_FILE: json.dumps({"stages": self._init_stages() + [self.cfg.stage]}).encode()}
-        files.update(_tokenizer_files(self.tokenizer))
-        vae = self.cfg.vae or next((str(Path(self.cfg.init) / v) for v in VAE_FILES if self.cfg.init and (Path(self.cfg.init) / v).is_file()), "")
-        if vae:  # under the name inference looks for
-            name = VAE_FILES[0] if vae.endswith(".safetensors") else VAE_FILES[1]
-            files[name] = Path(vae).read_bytes()
-        return files
+    def _stages(self) -> list[str]:
+        return self._init_stages() + [self.cfg.stage]
+
+    def _checkpoint_files(self, folder: Path) -> None:
+        """Beside the shards, what `unix train-export` needs: model config, stages, tokenizer."""
+        (folder / CONFIG_FILE).write_text(json.dumps({"unix_model": to_dict(self.model.cfg)}, indent=2))
+        (folder / STAGES_FILE).write_text(json.dumps({"stages": self._stages()}))
+        self.tokenizer.save(folder)
 
     def export(self) -> Path:
-        """OUT/final: a weights folder `unix report` / `unix generate` load (EMA weights if kept)."""
-        from unix.train.checkpoint import full_state
-
-        model_sd, _ = full_state(self.model, self.optimizer)
+        """OUT/final: a weights folder `unix report` / `unix generate` load (EMA weights if kept),
+        with the tokenizer and VAE this run holds in memory."""
+        state = full_model_state(self.model)  # a collective: rank 0 gets the full tensors
         if self.ema is not None:
-            model_sd = {**model_sd, **self.ema.state_dict()}
-        if not self.d.main:
-            return self.out / "final"
-        return save_model(self.model, self.out / "final", self._folder_files(), state_dict=model_sd)
+            state = {**state, **self.ema.full(self.d.main)}
+        folder = self.out / "final"
+        if self.d.main:
+            vae = self.codec if self.codec is not None else find_vae(self.cfg.vae, self.cfg.init)
+            write_weights_folder(folder, self.model, state, self._stages(), self.tokenizer.save, vae)
+        return folder
 
 
 # What a stage may change on top of its `init` folder: the latent normalisation belongs to the VAE
@@ -396,14 +417,6 @@ def _apply_init_overrides(model: UniX, overrides: list[str], gen_trained: bool) 
         gen.max_latent_size = new.gen.max_latent_size
         model.reset_buffers()
     gen.latent_rope = new.gen.latent_rope
-
-
-def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def run(cfg: TrainConfig) -> list[dict]:

@@ -123,7 +123,7 @@ def train_vae(s: VAETrainSettings) -> dict:
     noise = torch.Generator().manual_seed(s.seed + 1)
 
     def batch(crop: int = 0) -> torch.Tensor:
-        imgs = [decode_gray(stream.next()["image"], s.image_size, fill=0.0) for _ in range(s.batch_size)]
+        imgs = [stream.next_item(lambda row: decode_gray(row.get("image"), s.image_size, fill=0.0)) for _ in range(s.batch_size)]
         if crop:  # a convolutional autoencoder learns the same local code from windows, at a fraction of the cost
             at = torch.randint(0, s.image_size - crop + 1, (len(imgs), 2), generator=crops).tolist()
             imgs = [im[:, y:y + crop, x:x + crop] for im, (y, x) in zip(imgs, at)]

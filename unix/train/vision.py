@@ -85,7 +85,7 @@ class DecodedImages:
         key = row.get("id")
         if key in self.images:
             return self.images[key].float() / 255.0
-        image = decode_gray(row["image"], self.size, fill=1.0)  # white letterbox, as inference
+        image = decode_gray(row.get("image"), self.size, fill=1.0)  # white letterbox, as inference
         if key is not None and len(self.images) < self.room:
             self.images[key] = (image * 255.0).round().to(torch.uint8)
             return self.images[key].float() / 255.0  # cached or not, a row gives the same pixels
@@ -93,10 +93,9 @@ class DecodedImages:
 
 
 def _batch(stream: RowStream, cfg: VisionConfig, n: int, decode: DecodedImages | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [stream.next() for _ in range(n)]
     decode = decode or DecodedImages(cfg.image_size, max_bytes=0)
-    images = torch.stack([decode(r) for r in rows])
-    return normalize_pixels(images, cfg), torch.tensor([row_targets(r) for r in rows])
+    pairs = [stream.next_item(lambda row: (decode(row), row_targets(row))) for _ in range(n)]  # unreadable rows skipped
+    return normalize_pixels(torch.stack([x for x, _ in pairs]), cfg), torch.tensor([y for _, y in pairs])
 
 
 @torch.no_grad()
