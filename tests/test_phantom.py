@@ -204,7 +204,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "train 10, val 5, test 5" in printed and "Pleural Effusion" in printed
     assert count_rows(out) == 20 and len(shard_paths(out, "train")) == 3
     rows = list(iter_rows(out))
-    assert [r["id"] for r in rows] == [f"phantom-5-{i:07d}" for i in range(20)]
+    # val/test images come from their own random streams (never a training image): ids say the split
+    assert [r["id"] for r in rows] == ([f"phantom-5-{i:07d}" for i in range(10)] + [f"phantom-5-val-{i:07d}" for i in range(10, 15)]
+                                       + [f"phantom-5-test-{i:07d}" for i in range(15, 20)])
     first = ph.generate(5, 0, 64)
     assert rows[0]["image"] == ph.encode_png(first.image) and rows[0]["report"] == first.report
     assert {r["split"] for r in rows} == {"train", "val", "test"} and rows[0]["width"] == 64

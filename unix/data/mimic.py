@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from unix.eval.chexpert import CHEXPERT_FINDINGS
 from unix.errors import UserError
@@ -232,15 +232,29 @@ def load_image(path: Path, longer_side: int) -> tuple[np.ndarray, tuple[int, int
     """An 8-bit grayscale image whose longer side is at most `longer_side` (aspect kept, never
     upscaled), and the original (width, height). JPEGs are decoded at the smallest DCT scale that
     still covers the target (libjpeg's scaled IDCT, much faster on 2,500 x 3,000 px files), then
-    resampled with Lanczos, which Pillow applies antialiased."""
-    with Image.open(path) as im:
-        original = im.size
-        w, h = original
-        scale = longer_side / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else (w, h)
+    resampled with Lanczos, which Pillow applies antialiased. Other files (16-bit PNG, TIFF, DICOM)
+    go through the project's reader, `unix.infer.io.read_image`, so their real range is kept."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                original = im.size  # before draft() decodes it smaller
+                return _shrink(im, longer_side, draft=True), original
+    except UnidentifiedImageError:
+        pass  # DICOM, or not an image at all: the reader says which
+    from unix.infer.io import read_image  # imported here: the unix.infer package loads the model code
+
+    gray = Image.fromarray(np.round(read_image(path) * 255).astype(np.uint8), mode="L")
+    return _shrink(gray, longer_side), gray.size
+
+
+def _shrink(im: Image.Image, longer_side: int, draft: bool = False) -> np.ndarray:
+    w, h = im.size
+    scale = longer_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else (w, h)
+    if draft:
         im.draft("L", size)
-        im = im.convert("L")
-        if im.size != size:
-            im = im.resize(size, Image.LANCZOS)
-        return np.asarray(im, dtype=np.uint8), original
+    im = im.convert("L")
+    if im.size != size:
+        im = im.resize(size, Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
 

@@ -5,6 +5,9 @@ exposure, noise; all varied per image) plus a tuple of `Finding`s (what is drawn
 labels the report explicitly negates. `draw(anatomy, findings, size)` is a pure function of its
 arguments, so a test can draw the same anatomy with and without a finding. `generate(seed, index)`
 samples case `index` from `numpy.random.default_rng([seed, index])`: any subset regenerates identically.
+Held-out images (`split="val"` or `"test"`) come from `default_rng([seed, index, k])` (k = 1, 2): a
+stream no training image is drawn from, so a test split never holds an image that a model trained on
+any number of images of the same seed saw (the shipped demo model: seed 0, train indices 0-7999).
 
 Geometry is in normalised units: u is horizontal from the body midline (u < 0 is image left =
 patient RIGHT, the PA convention), v is vertical from the top (0) to the bottom (1) of a standard
@@ -200,17 +203,23 @@ def labels_of(findings: tuple[Finding, ...], negated: tuple[str, ...]) -> dict[s
     return labels
 
 
-def sample_case(seed: int, index: int) -> tuple[Case, np.random.Generator]:
-    rng = np.random.default_rng([seed, index])
+HELD_OUT_STREAMS = {"val": 1, "test": 2}  # third seed word of held-out images; training images have none
+
+
+def sample_case(seed: int, index: int, split: str = "train") -> tuple[Case, np.random.Generator]:
+    if split != "train" and split not in HELD_OUT_STREAMS:
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    rng = np.random.default_rng([seed, index] if split == "train" else [seed, index, HELD_OUT_STREAMS[split]])
     anatomy = sample_anatomy(rng)
     findings, negated = sample_case_findings(rng)
     return Case(anatomy, findings, negated), rng
 
 
-def generate(seed: int, index: int, size: int = 256) -> PhantomSample:
-    """Image `index` of the data set with this seed: anatomy, findings, picture, report, labels."""
+def generate(seed: int, index: int, size: int = 256, split: str = "train") -> PhantomSample:
+    """Image `index` of the data set with this seed: anatomy, findings, picture, report, labels.
+    `split` "val" or "test" draws it from that held-out stream instead (id `phantom-SEED-SPLIT-INDEX`)."""
     check_size(size)
-    case, rng = sample_case(seed, index)
+    case, rng = sample_case(seed, index, split)
     image = draw(case.anatomy, case.findings, size)
     report, negated = write_report(case.findings, case.negated, rng)
     attributes = {
@@ -219,7 +228,8 @@ def generate(seed: int, index: int, size: int = 256) -> PhantomSample:
         "ctr": round(heart_ctr(case.anatomy, case.findings), 3),
         "anatomy": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(case.anatomy).items()},
     }
-    return PhantomSample(f"phantom-{seed}-{index:07d}", index, image, report, labels_of(case.findings, negated), attributes)
+    name = f"phantom-{seed}-{index:07d}" if split == "train" else f"phantom-{seed}-{split}-{index:07d}"
+    return PhantomSample(name, index, image, report, labels_of(case.findings, negated), attributes)
 
 
 def check_size(size: int) -> None:

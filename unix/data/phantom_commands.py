@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("phantom", help="generate CXR-Phantom: synthetic chest radiographs with reports and labels")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
-    p.add_argument("--seed", type=int, default=0, help="data set seed; image i comes from rng([seed, i]) (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="data set seed, >= 0; training image i comes from rng([seed, i]), "
+                   "val and test images from rng([seed, i, 1 or 2]), never a training image, whatever --n (default: 0)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels, a multiple of 16 (default: 256)")
     p.add_argument("--png", action="store_true", help="also write png/{split}/{id}.png and metadata.jsonl")
     p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions by index (default: 0.8,0.1,0.1)")
@@ -73,7 +74,7 @@ def build(out: Path, n: int, seed: int, size: int, splits: tuple[float, float, f
                 if writer is not None:
                     writer.close()
                 writer = ShardWriter(out, split, schema, shard_size)
-            s = generate(seed, i, size)
+            s = generate(seed, i, size, split)  # val and test from their own streams: never a training image
             image = encode_png(s.image)
             labels = {k: (None if math.isnan(v) else v) for k, v in s.labels.items()}
             writer.write({"id": s.id, "split": split, "image": image, "report": s.report, **s.labels,
@@ -107,6 +108,8 @@ def cmd_phantom(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0 (numpy seeds are non-negative), got {args.seed}")
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
     try:

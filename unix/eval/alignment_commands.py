@@ -102,6 +102,6 @@ def register(subparsers) -> None:
     p.add_argument("--weights-dir", default="weights", help=f"folder holding {WEIGHTS_SUBDIR}/ (the files of microsoft/BiomedVLP-BioViL-T)")
     p.add_argument("--out", help="write the scores as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images and prompts per forward (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(handler=run_alignment)

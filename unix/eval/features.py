@@ -74,18 +74,31 @@ def extract_features(
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
-def load_image(path: Path, size: int, released_round_trip: bool = False) -> torch.Tensor:
-    """(3, size, size) uint8, as CheXGenBench's metrics/fid.py loads images: PIL `convert("RGB")`, then
-    torchvision `Resize((size, size))`, which on a PIL image is PIL's bilinear resize (antialiased when
-    shrinking).
+def load_image(path: Path, size: int, released_round_trip: bool = False, reader: str = "authors") -> torch.Tensor:
+    """(3, size, size) uint8: the file's pixels resized with PIL's bilinear filter (antialiased when
+    shrinking), as torchvision `Resize((size, size))` does on a PIL image.
 
-    `released_round_trip` adds the rest of the authors' path: `ToTensor` (float32 / 255), `* 255` and a
-    truncating cast to uint8. Truncation could turn k into k - 1, but in IEEE float32 (k / 255) * 255
-    rounds back to exactly k for all 256 levels (also with the reciprocal multiply CUDA uses for a
-    scalar division), so both settings give the same bytes; the release protocol keeps the step
-    anyway, so that it does what the authors did rather than what we proved equal."""
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    `reader` "authors" (the release protocol) reads the file as CheXGenBench's metrics/fid.py does:
+    PIL `convert("RGB")`, which clips a 16-bit image to white and reads no DICOM. "unix" (the exact
+    protocol, finding agreement) uses the project's reader (`unix.infer.io.read_image`: every bit
+    depth by its real range, DICOM, float TIFF), rounded to 8 bits and repeated on three channels;
+    for an 8-bit gray file both give the same bytes, for a colour file "unix" gives its luma.
+
+    `released_round_trip` adds the rest of the authors' path: `ToTensor` (float32 / 255), `* 255`
+    and a truncating cast to uint8. Truncation could turn k into k - 1, but in IEEE float32
+    (k / 255) * 255 rounds back to exactly k for all 256 levels (also with the reciprocal multiply
+    CUDA uses for a scalar division), so both settings give the same bytes; the release protocol
+    keeps the step anyway, so that it does what the authors did rather than what we proved equal."""
+    if reader == "unix":
+        from unix.infer.io import read_image
+
+        img = Image.fromarray(np.round(read_image(path) * 255).astype(np.uint8), mode="L").convert("RGB")
+    elif reader == "authors":
+        with Image.open(path) as file:
+            img = file.convert("RGB")
+    else:
+        raise ValueError(f"reader must be 'authors' or 'unix', got {reader!r}")
+    img = img.resize((size, size), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
     if released_round_trip:
         pixels = (pixels.to(torch.float32).div(255) * 255).to(torch.uint8)

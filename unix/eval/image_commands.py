@@ -113,8 +113,8 @@ def features_of(items: list[ImageItem], extractor, batch_size: int, desc: str, r
     def readable():
         for item in items:
             try:
-                image = load_image(item.path, extractor.input_size, released_round_trip)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                image = load_image(item.path, extractor.input_size, released_round_trip, "authors" if released_round_trip else "unix")
+            except (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 log.warning("skipping %s: %s", item.path, e)
                 skipped.append({"path": str(item.path), "error": str(e)})
                 continue
@@ -143,6 +143,8 @@ def describe_protocol(protocol: str, dedup: str, n_shards: int, kid_subsets: int
         "input_size": input_size,
         "decimals": im.RELEASE_DECIMALS if release else None,
         "unreadable": "left out and listed under `skipped` (the authors' loader puts a black image in their place)",
+        "pixels": ("PIL convert('RGB'), as the authors' metrics/fid.py (a 16-bit image is clipped to white)" if release
+                   else "unix.infer.io.read_image (every bit depth by its range, DICOM), 8 bits, three equal channels"),
     }
     if release:
         deviations = [f"{key} {record[key]} (authors: {value})" for key, value in AUTHORS_SETTINGS.items() if record[key] != value]
@@ -283,7 +285,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_image_args(args) -> None:
+    from unix.cli import check_number, check_seed
+
+    check_number("--batch-size", args.batch_size, least=1)
+    check_number("--shards", args.shards, least=1)
+    check_number("--kid-subsets", args.kid_subsets, least=1)
+    check_number("--nearest-k", args.nearest_k, least=1)
+    check_number("--min-images", args.min_images, least=1)
+    check_seed("--seed", args.seed)
+
+
 def run_images(args) -> int:
+    check_image_args(args)
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} exists (use --overwrite to replace it)")
     real = list_images(args.real, args.real_root)
@@ -305,6 +319,8 @@ def run_agreement(args) -> int:
     """Finding agreement: the phantom classifier's labels on generated images vs their prompts' labels."""
     from unix.eval.phantom_classifier import load_extractor
 
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists (use --overwrite to replace it)")
     items = list_images(args.images)
     labels = read_labels(Path(args.labels))
     extractor = load_extractor(args.weights_dir, args.device if args.device != "auto" else "cpu")
@@ -317,8 +333,8 @@ def run_agreement(args) -> int:
             skipped.append({"path": str(item.path), "error": f"no labels for id {item.id!r}"})
             continue
         try:
-            image = load_image(item.path, extractor.input_size)
-        except (OSError, ValueError) as e:
+            image = load_image(item.path, extractor.input_size, reader="unix")
+        except (UserError, OSError, ValueError) as e:
             skipped.append({"path": str(item.path), "error": str(e)})
             continue
         kept.append(key)
@@ -347,8 +363,9 @@ def register(subparsers) -> None:
     p.add_argument("--labels", required=True, help="CSV/JSONL with `id` and the 14 CheXpert columns of each prompt, or the authors' generation-prompt CSV (chexpert_labels)")
     p.add_argument("--weights-dir", default="weights", help="folder holding phantom-classifier/")
     p.add_argument("--uncertain", choices=["negative", "positive"], default="negative", help="how prompt labels of -1 count")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=run_agreement)
 
     p = subparsers.add_parser("images", help="FD, KID and precision/recall/density/coverage between real and generated images")
@@ -363,17 +380,19 @@ def register(subparsers) -> None:
                    "default: the list's folder)")
     p.add_argument("--protocol", choices=list(im.PROTOCOLS), default="release",
                    help="release (default): the authors' numbers (torchmetrics, each shard rounded to 3 decimals, "
-                   "their mean rounded again); exact: full precision")
+                   "their mean rounded again; pixels read as they read them, PIL convert(\"RGB\"), which clips 16-bit images to white); "
+                   "exact: full precision, pixels read by unix.infer.io.read_image (every bit depth by its range, DICOM)")
     p.add_argument("--features", default="raddino", help=f"feature extractor: {', '.join(sorted(EXTRACTORS))} (default raddino)")
     p.add_argument("--weights-dir", default="weights", help="folder holding rad-dino/ and other metric weights")
     p.add_argument("--labels", help="CSV/JSONL with `id` and CheXpert finding columns: adds per-finding metrics")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per feature-extractor forward (default: 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--shards", type=int, default=im.N_SHARDS, help="average the metrics over this many equal parts (CheXGenBench: 4)")
-    p.add_argument("--kid-subsets", type=int, default=im.KID_SUBSETS)
+    p.add_argument("--kid-subsets", type=int, default=im.KID_SUBSETS,
+                   help=f"random subsets KID is averaged over, at least 1 (default: {im.KID_SUBSETS}, the authors')")
     p.add_argument("--nearest-k", type=int, default=im.NEAREST_K, help="k of precision/recall/density/coverage")
     p.add_argument("--min-images", type=int, default=10, help="per-finding metrics need this many positive images on each side")
-    p.add_argument("--seed", type=int, default=im.SEED)
+    p.add_argument("--seed", type=int, default=im.SEED, help=f"seed of KID's subset draws (default: {im.SEED})")
     p.set_defaults(handler=run_images)

@@ -79,14 +79,22 @@ def model_folder(root: str | Path) -> Path:
 
 def load_annotator(root: str | Path, device: str = "cpu") -> Callable[[list[str]], list[Annotation]]:
     """reports -> RadGraph annotations, with the `radgraph` package and the user's model files."""
+    # The BERT tokenizer must come from a local cache: huggingface_hub and transformers read these
+    # when first imported, so they must be set before radgraph imports them (`unix` sets them at
+    # start-up; this covers library use, unless the hub was imported before).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         from radgraph import RadGraph
     except ImportError as e:
         raise UserError("RadGraph F1 needs the radgraph package: pip install radgraph==0.1.18") from e
     folder = model_folder(root)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the BERT tokenizer must come from a local cache
     cuda = int(device.split(":")[1]) if device.startswith("cuda:") else (0 if device == "cuda" else -1)
-    model = RadGraph(model_type="radgraph", model_cache_dir=str(folder.parent), cuda=cuda)
+    try:
+        model = RadGraph(model_type="radgraph", model_cache_dir=str(folder.parent), cuda=cuda)
+    except Exception as e:  # radgraph wraps whatever failed (often: its BERT is not in the local cache)
+        raise UserError(f"{folder}: RadGraph did not load ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "the BERT its config.json names must be in the local Hugging Face cache (HF_HOME)") from None
 
     def annotate(reports: list[str]) -> list[Annotation]:
         out = model(list(reports))

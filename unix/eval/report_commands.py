@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 def add_labeler_args(p) -> None:
     p.add_argument("--labeler", choices=["rule", "chexbert"], default="rule", help="default: rule (always available)")
     p.add_argument("--weights-dir", default="weights", help="folder holding chexbert/ (default: weights)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for CheXbert and RadGraph (default: cpu)")
 
 
 def make_labeler(args):

@@ -1,0 +1,125 @@
+"""`unix demo`: a Gradio page over the same inference code as the CLI (report, generate).
+
+One model per process, loaded once; requests wait in Gradio's queue and run one at a time, so
+concurrent users wait instead of competing for the model. Every input goes through the checks the
+CLI uses; a bad upload or value becomes a message in the page (gr.Error), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from unix.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+MAX_SEED = 2**31 - 1
+
+
+def example_images() -> list[str]:
+    return sorted(str(p) for p in EXAMPLES.glob("*.png")) if EXAMPLES.is_dir() else []
+
+
+def example_prompts() -> list[str]:
+    path = EXAMPLES / "prompts.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+class Demo:
+    """The page's actions, plain functions of their inputs: testable without a browser."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def report(self, image_path: str | None, instruction: str) -> str:
+        from unix.infer import ReportSettings
+        from unix.infer.io import read_image
+
+        if not image_path:
+            raise UserError("upload a chest X-ray first (PNG, JPG or DICOM)")
+        read_image(image_path)  # the CLI's reader: a bad file is named here
+        instruction = (instruction or "").strip()
+        settings = ReportSettings(instruction=instruction) if instruction else ReportSettings()
+        return self.pipe.reports([image_path], settings)[0]
+
+    def generate(self, prompt: str, seed: float, guidance: float, steps: float, size: str):
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UserError("write a prompt first (e.g. a FINDINGS / IMPRESSION report)")
+        seed, steps = int(seed), int(steps)
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed must be between 0 and {MAX_SEED}")
+        if steps < 2:
+            raise UserError("steps must be at least 2")
+        if not guidance >= 1.0 or guidance != guidance or guidance == float("inf"):
+            raise UserError("guidance must be a finite number >= 1")
+        size = int(size)
+        try:
+            self.pipe.cfg.token_grid(size)
+        except ValueError as e:
+            raise UserError(f"size: {e}") from None
+        settings = self.pipe.image_settings(size=size, guidance=float(guidance), steps=steps)
+        return self.pipe.images([prompt], [seed], settings)[0]
+
+    def sizes(self) -> list[str]:
+        out = []
+        for s in (128, 256, 384, 512):
+            try:
+                self.pipe.cfg.token_grid(s)
+                out.append(str(s))
+            except ValueError:
+                continue
+        return out or [str(self.pipe.cfg.max_image_size)]
+
+
+def _shown(fn):
+    """Run `fn`; a UserError (or an unreadable upload) becomes a message in the page."""
+    import gradio as gr
+
+    def run(*args):
+        try:
+            return fn(*args)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    return run
+
+
+def build_app(pipe, title: str = "UniX demo"):
+    import gradio as gr
+
+    demo = Demo(pipe)
+    defaults = pipe.image_settings()
+    sizes = demo.sizes()
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"## {title}\nWeights: `{pipe.folder}`. A research model; not for clinical use.")
+        with gr.Tab("Report"):
+            with gr.Row():
+                image = gr.Image(type="filepath", label="Chest X-ray", image_mode="L", elem_id="report-image")
+                with gr.Column():
+                    instruction = gr.Textbox(label="Instruction (empty: the paper's FINDINGS and IMPRESSION instruction)",
+                                             elem_id="report-instruction")
+                    report_button = gr.Button("Write report", variant="primary", elem_id="report-button")
+                    report = gr.Textbox(label="Report", lines=8, elem_id="report-text")
+            if example_images():
+                gr.Examples(example_images(), inputs=[image])
+            report_button.click(_shown(demo.report), [image, instruction], report, api_name="report")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt (a report)", lines=4, elem_id="generate-prompt")
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
+                    guidance = gr.Slider(1.0, 8.0, value=float(defaults.guidance), step=0.1, label="Guidance")
+                    steps = gr.Slider(2, 100, value=int(defaults.steps), step=1, label="Steps")
+                    size = gr.Dropdown(sizes, value=sizes[-1], label="Size (px)")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                output = gr.Image(label="Generated X-ray", type="numpy", image_mode="L", elem_id="generate-image")
+            if example_prompts():
+                gr.Examples([[p] for p in example_prompts()], inputs=[prompt])
+            generate_button.click(_shown(demo.generate), [prompt, seed, guidance, steps, size], output, api_name="generate")
+    return app
