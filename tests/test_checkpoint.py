@@ -48,6 +48,11 @@ def test_checkpoint_holds_shards_not_a_weights_folder(reference):
     assert {".metadata", "__0_0.distcp", "trainer.pt", "config.json", "train.json", "tokenizer.json"} <= names
     assert "model.safetensors" not in names and not any(n.startswith("vae") for n in names)
     assert (out / "final" / "model.safetensors").is_file()  # the weights folder: written once, at the end
+    from unix.infer.domain import read_input_stats
+
+    stats = read_input_stats(out / "final")  # what its training images look like, for the out-of-domain notice
+    assert stats is not None and stats["n_images"] >= 2 and "train split" in stats["source"]
+    assert (out / "final").stat().st_mode & 0o077 != 0  # not mkdtemp's private 0700
     state = torch.load(out / "checkpoints" / "step-0000004" / "trainer.pt", weights_only=True)
     assert state["step"] == 4 and len(state["ranks"]) == 1 and set(state["ranks"][0]) == {"data", "rng"}
 

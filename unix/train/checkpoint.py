@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from unix.errors import UserError
 from unix.train import parallel
+from unix.weights.folder import publish, recover
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{7})$")
@@ -85,28 +86,6 @@ def checkpoints(out: Path) -> list[Path]:
 def old_format(out: Path) -> list[Path]:
     root = out / "checkpoints"
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / OLD_FORMAT_FILE).is_file()) if root.is_dir() else []
-
-
-def publish(part: Path, folder: Path) -> None:
-    """Rename a finished `part` folder to `folder`, replacing a folder of that name as a whole. If
-    this is killed between its two renames, `recover(folder)` puts things back."""
-    recover(folder)
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(part, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(folder: Path) -> None:
-    """Undo what an interrupted `publish` left: a previous folder set aside comes back if the new
-    one never took its place, and is deleted if it did."""
-    old = folder.with_name(f".{folder.name}.old")
-    if old.exists():
-        if folder.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, folder)
 
 
 def clean_unfinished(out: Path) -> None:

@@ -32,7 +32,7 @@ from unix.tokenizer import REPORT_INSTRUCTION, Tokenizer, train_tokenizer
 from unix.train import parallel
 from unix.train.checkpoint import TrainingState, checkpoints, clean_unfinished, full_model_state, old_format, resume, save_checkpoint
 from unix.train.config import TrainConfig
-from unix.train.export import STAGES_FILE, find_vae, write_weights_folder
+from unix.train.export import STAGES_FILE, find_vae, training_input_stats, write_weights_folder
 from unix.train.logger import MetricsLogger
 from unix.train.optim import EMA, build_optimizer, lr_factor
 from unix.weights.folder import CONFIG_FILE, VAE_FILES, load_model, read_model_config
@@ -384,7 +384,8 @@ class Trainer:
         folder = self.out / "final"
         if self.d.main:
             vae = self.codec if self.codec is not None else find_vae(self.cfg.vae, self.cfg.init)
-            write_weights_folder(folder, self.model, state, self._stages(), self.tokenizer.save, vae)
+            stats = training_input_stats(self.cfg.data.shards, self.cfg.data.split)
+            write_weights_folder(folder, self.model, state, self._stages(), self.tokenizer.save, vae, stats)
         return folder
 
 

@@ -146,14 +146,38 @@ def save_model(model, folder: str | Path, extra_files: dict[str, bytes] | None =
     for name, data in (extra_files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(data)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        _rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a weights folder should get the usual mode
+    publish(tmp, folder)
     return folder
+
+
+def publish(part: Path, folder: Path) -> None:
+    """Rename a finished `part` folder to `folder`, replacing a folder of that name as a whole. If
+    this is killed between its two renames, `recover(folder)` (called first by the next publish)
+    puts things back."""
+    recover(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(part, folder)
+    _rmtree(old)
+
+
+def recover(folder: Path) -> None:
+    """Undo what an interrupted `publish` left: a previous folder set aside comes back if the new
+    one never took its place, and is deleted if it did."""
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists():
+        if folder.exists():
+            _rmtree(old)
+        else:
+            os.replace(old, folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _rmtree(path: Path) -> None:
