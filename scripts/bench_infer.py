@@ -9,6 +9,13 @@
     python scripts/bench_infer.py --preset unix --device cuda --dtype bf16 --size 256 --batch 1 16
 
 Random weights (speed does not depend on them); a random tokenizer-free prompt of `--prompt-len`.
+
+- dispatch: the cost of one denoising step and one decoded token on a deep, narrow model (24
+  layers, width 64, 16 px = one latent token: almost no arithmetic, so the time is what Python,
+  the dispatcher, per-step set-up and per-call kernel overheads cost), per `step_capture` mode. A step is the difference of two runs that differ
+  only in their number of steps, so prompt prefill and per-call set-up cancel out:
+
+    python scripts/bench_infer.py --dispatch --capture eager compile
 """
 
 from __future__ import annotations
@@ -48,6 +55,40 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` runs: on a shared machine the minimum is the least disturbed one."""
+    return min(timed(fn, torch.device("cpu")) for _ in range(repeats))
+
+
+def dispatch(args) -> None:
+    overrides = [f"lm.num_layers={args.layers}"]
+    cfg = load_model_config("tiny", overrides)
+    modes = args.capture if hasattr(cfg, "step_capture") else ["eager (no step_capture: the code before it)"]
+    print(f"tiny preset, {args.layers} layers, width {cfg.lm.hidden_size}, {args.dispatch_size} px, fp32, "
+          f"batch 1, threads={torch.get_num_threads()}, torch {torch.__version__}")
+    print("\n| step_capture | ms / denoising step (guided: 2 rows) | ms / decoded token |\n|---|---|---|")
+    for mode in modes:
+        if hasattr(cfg, "step_capture"):
+            cfg = load_model_config("tiny", overrides + [f"step_capture={mode}"])
+        model = random_model(cfg, "cpu", torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight[cfg.tokens.eos].zero_()  # never stop early
+        tok = FixedTokenizer(cfg, args.prompt_len)
+        px = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+
+        def images(steps: int):  # interval (0, 1]: every step guided, so every step is the same work
+            return lambda: sample_latents(model, tok, ["p"], [0], ImageSettings(size=args.dispatch_size, steps=steps, interval=(0.0, 1.0)))
+
+        def reports(tokens: int):
+            return lambda: generate_report_ids(model, tok, px, ReportSettings(max_new_tokens=tokens))
+
+        few, many = 2, 2 + args.dispatch_steps
+        images(few)(), reports(few)()  # warm-up (and compilation, where the mode compiles)
+        step = (best_time(images(many), args.repeats) - best_time(images(few), args.repeats)) / args.dispatch_steps
+        token = (best_time(reports(many), args.repeats) - best_time(reports(few), args.repeats)) / args.dispatch_steps
+        print(f"| {mode} | {step * 1e3:.2f} | {token * 1e3:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -60,7 +101,15 @@ def main() -> None:
     ap.add_argument("--report-tokens", type=int, default=64)
     ap.add_argument("--report-batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-naive", action="store_true", help="only time our paths (the naive ones are slow at full size)")
+    ap.add_argument("--dispatch", action="store_true", help="only the per-step dispatch table (CPU)")
+    ap.add_argument("--capture", nargs="+", default=["eager", "compile"], help="step_capture modes of --dispatch")
+    ap.add_argument("--layers", type=int, default=24, help="decoder depth of --dispatch")
+    ap.add_argument("--dispatch-size", type=int, default=16, help="image side of --dispatch (16 px: one latent token)")
+    ap.add_argument("--dispatch-steps", type=int, default=40, help="steps (and tokens) the --dispatch difference spans")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per --dispatch timing (the fastest counts)")
     args = ap.parse_args()
+    if args.dispatch:
+        return dispatch(args)
 
     device = torch.device(args.device)
     model = random_model(load_model_config(args.preset), device, DTYPES[args.dtype])

@@ -119,3 +119,33 @@ def test_sdpa_attends_densely_when_a_sample_is_split():
     split = TokenMeta(torch.tensor([[0, 0, 1, 1, 0]]), meta.segment, meta.mode, meta.order)
     assert SDPAPlan(split, split).blocks is None
     assert SDPAPlan(meta, meta).blocks is not None
+
+
+def test_varlen_plan_never_builds_a_dense_mask(monkeypatch):
+    """The varlen plan evaluates the rule per segment (segments x Lk), not per query pair."""
+    import unix.models.attention as attention
+
+    meta = random_packed(7)
+    L = meta.sample.shape[1]
+    ref_plan = SDPAPlan(meta, meta)
+    monkeypatch.setattr(attention, "dense_mask", lambda *a: (_ for _ in ()).throw(AssertionError("dense mask built")))
+    plan = VarlenPlan(meta, meta, kernel=varlen_reference_kernel)
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 3, L, 8) for _ in range(3))
+    torch.testing.assert_close(plan(q, k, v), ref_plan(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_step_plan_picks_the_mask_row_of_the_step():
+    """Decoding into a fixed-shape cache: the mask of planned query j is row j of the rule's mask."""
+    from unix.models.attention import StepPlan
+
+    meta = meta_from_segments([[(Mode.FULL, 3), (Mode.CAUSAL, 6)]])
+    queries = TokenMeta(*(t[:, 3:] for t in meta.fields()))  # six text tokens to decode after an image
+    plan = StepPlan(queries, meta)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    for j in range(6):
+        q = torch.randn(1, 2, 1, 8)
+        got = plan.at(torch.tensor([j]))(q, k, v)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, : 4 + j], v[:, :, : 4 + j])  # image + text so far
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -39,10 +39,14 @@ def demo():
 def test_report_and_generate_actions(demo, tmp_path):
     text = demo.report(str(EXAMPLE), "")
     assert text.startswith("FINDINGS:")
+    assert demo.preview(str(EXAMPLE)).shape == (256, 256)
     image = demo.generate("FINDINGS: Large left pleural effusion. IMPRESSION: Large left pleural effusion.", 3, 4.0, 6, "256")
     assert image.shape == (256, 256) and image.dtype == np.uint8 and image.std() > 0
     again = demo.generate("FINDINGS: Large left pleural effusion. IMPRESSION: Large left pleural effusion.", 3, 4.0, 6, "256")
     assert np.array_equal(image, again)  # seeded
+    seen = []
+    demo.generate("No acute process.", 1, 2.0, 6, "256", lambda fraction, desc: seen.append(fraction))
+    assert seen == [k / 5 for k in range(1, 6)]  # the page's progress bar: one update per denoising step
 
 
 @pytest.mark.parametrize("call, message", [
@@ -118,21 +122,24 @@ def test_demo_in_a_real_browser(server, tmp_path):
 
         # Report tab: upload an example, write its report
         page.locator("#report-image input[type=file]").set_input_files(str(EXAMPLE))
-        page.locator("#report-image img").first.wait_for(timeout=30000)
+        page.locator("#report-preview img").first.wait_for(timeout=30000)  # shown as the model reads it
         page.click("#report-button")
         page.wait_for_function("() => (document.querySelector('#report-text textarea') || {}).value?.startsWith('FINDINGS:')",
                                timeout=60000)
         report = page.locator("#report-text textarea").input_value()
         assert "IMPRESSION" in report or len(report) > 20
+        page.wait_for_timeout(500)
         page.screenshot(path=str(shots / "demo-report.png"))
 
         # a bad upload is a message in the page, and the page keeps working
         bad = tmp_path / "broken.png"
         bad.write_bytes(b"\x89PNG not really")
-        page.locator("#report-image button[aria-label='Remove Image']").first.click()
+        page.locator("#report-image button[aria-label='Clear']").first.click()
         page.locator("#report-image input[type=file]").set_input_files(str(bad))
         page.click("#report-button")
-        page.get_by_text("not a readable image").first.wait_for(timeout=30000)
+        page.get_by_text("broken.png: not a readable image").first.wait_for(timeout=30000)  # the upload's own name
+        assert not page.get_by_text("Traceback").count()
+        page.keyboard.press("Escape")
 
         # Generate tab: a prompt, an image
         page.get_by_role("tab", name="Generate").click()

@@ -254,6 +254,16 @@ def test_missing_weights_folder(tmp_path, capsys):
     assert "weights folder not found" in capsys.readouterr().err
 
 
+def test_pipeline_step_capture(folder):
+    from unix.errors import UserError
+
+    assert load_pipeline(folder, device="cpu").cfg.step_capture == "auto"
+    assert load_pipeline(folder, device="cpu", step_capture="eager").cfg.step_capture == "eager"
+    for bad, message in (("always", "unknown step capture"), ("graph", "CUDA graphs")):
+        with pytest.raises(UserError, match=message):
+            load_pipeline(folder, device="cpu", step_capture=bad)
+
+
 def test_pipeline_api(folder, tmp_path):
     pipe = load_pipeline(folder, device="cpu")
     imgs = pipe.images(["Small left effusion."], [0], ImageSettings(size=64, steps=3))

@@ -135,7 +135,7 @@ def test_max_new_tokens_counts_tokens_after_the_start_token(tiny, monkeypatch):
     eos, real_choose = model.cfg.tokens.eos, reports_module.choose
     monkeypatch.setattr(reports_module, "choose", lambda logits, *a: real_choose(logits.index_fill(-1, torch.tensor([eos]), -1e9), *a))
     forwards = []
-    handle = model.register_forward_hook(lambda *a: forwards.append(1))
+    handle = model.decoder.register_forward_hook(lambda *a: forwards.append(1))
     try:
         out = generate_report_ids(model, tok, torch.randn(1, 3, 64, 64), ReportSettings(max_new_tokens=7))
     finally:

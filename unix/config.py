@@ -150,8 +150,13 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
-    # "auto": flash-attention varlen on CUDA when installed, else SDPA with a dense mask.
+    # "auto": flash-attention varlen on CUDA when installed and computing in fp16/bf16, else SDPA
+    # with a dense mask (a notice says once why flash was passed over).
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    # How inference runs its fixed-shape steps (a denoising step, a decoded token), see
+    # unix/models/capture.py: "auto" = a CUDA graph on CUDA, eager elsewhere; "graph" (CUDA only);
+    # "compile" = torch.compile(fullgraph=True) ("reduce-overhead" on CUDA); "eager" = as it is.
+    step_capture: Literal["auto", "eager", "graph", "compile"] = "auto"
 
     @property
     def latent_stride(self) -> int:

@@ -30,24 +30,41 @@ def example_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def _read(path: str):
+    """The CLI's reader; an error names the uploaded file, not Gradio's temporary copy of it."""
+    from unix.infer.io import read_image
+
+    try:
+        return read_image(path)
+    except UserError as e:
+        raise UserError(str(e).replace(str(path), Path(path).name)) from None
+
+
 class Demo:
     """The page's actions, plain functions of their inputs: testable without a browser."""
 
     def __init__(self, pipe):
         self.pipe = pipe
 
+    def preview(self, image_path: str | None):
+        """The uploaded file as the model's reader sees it (gray, 8-bit), for the page to show."""
+        import numpy as np
+
+        if not image_path:
+            return None
+        return (_read(image_path) * 255).round().astype(np.uint8)
+
     def report(self, image_path: str | None, instruction: str) -> str:
         from unix.infer import ReportSettings
-        from unix.infer.io import read_image
 
         if not image_path:
             raise UserError("upload a chest X-ray first (PNG, JPG or DICOM)")
-        read_image(image_path)  # the CLI's reader: a bad file is named here
+        _read(image_path)  # the CLI's reader: a bad file is named here
         instruction = (instruction or "").strip()
         settings = ReportSettings(instruction=instruction) if instruction else ReportSettings()
         return self.pipe.reports([image_path], settings)[0]
 
-    def generate(self, prompt: str, seed: float, guidance: float, steps: float, size: str):
+    def generate(self, prompt: str, seed: float, guidance: float, steps: float, size: str, progress=None):
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("write a prompt first (e.g. a FINDINGS / IMPRESSION report)")
@@ -64,7 +81,8 @@ class Demo:
         except ValueError as e:
             raise UserError(f"size: {e}") from None
         settings = self.pipe.image_settings(size=size, guidance=float(guidance), steps=steps)
-        return self.pipe.images([prompt], [seed], settings)[0]
+        on_step = (lambda done, total: progress(done / total, desc=f"denoising step {done}/{total}")) if progress else None
+        return self.pipe.images([prompt], [seed], settings, on_step)[0]
 
     def sizes(self) -> list[str]:
         out = []
@@ -100,7 +118,12 @@ def build_app(pipe, title: str = "UniX demo"):
         gr.Markdown(f"## {title}\nWeights: `{pipe.folder}`. A research model; not for clinical use.")
         with gr.Tab("Report"):
             with gr.Row():
-                image = gr.Image(type="filepath", label="Chest X-ray", image_mode="L", elem_id="report-image")
+                with gr.Column():
+                    # a file, not gr.Image: DICOM uploads work, and a bad file reaches our reader,
+                    # whose message names the problem
+                    image = gr.File(label="Chest X-ray (PNG, JPG, DICOM)", type="filepath", elem_id="report-image")
+                    shown = gr.Image(label="As the model reads it", type="numpy", image_mode="L", interactive=False,
+                                     elem_id="report-preview")
                 with gr.Column():
                     instruction = gr.Textbox(label="Instruction (empty: the paper's FINDINGS and IMPRESSION instruction)",
                                              elem_id="report-instruction")
@@ -108,6 +131,7 @@ def build_app(pipe, title: str = "UniX demo"):
                     report = gr.Textbox(label="Report", lines=8, elem_id="report-text")
             if example_images():
                 gr.Examples(example_images(), inputs=[image])
+            image.change(_shown(demo.preview), image, shown)
             report_button.click(_shown(demo.report), [image, instruction], report, api_name="report")
         with gr.Tab("Generate"):
             with gr.Row():
@@ -121,5 +145,8 @@ def build_app(pipe, title: str = "UniX demo"):
                 output = gr.Image(label="Generated X-ray", type="numpy", image_mode="L", elem_id="generate-image")
             if example_prompts():
                 gr.Examples([[p] for p in example_prompts()], inputs=[prompt])
-            generate_button.click(_shown(demo.generate), [prompt, seed, guidance, steps, size], output, api_name="generate")
+            def generate(prompt, seed, guidance, steps, size, progress=gr.Progress()):
+                return _shown(demo.generate)(prompt, seed, guidance, steps, size, progress)
+
+            generate_button.click(generate, [prompt, seed, guidance, steps, size], output, api_name="generate")
     return app

@@ -29,6 +29,9 @@ def add_common(p) -> None:
                    help="feed BOS twice before each text segment, as the release does (default: the weights folder's; off for ours)")
     p.add_argument("--connector-act", "--connector-gelu", dest="connector_act", choices=["gelu", "gelu_tanh"],
                    help="connector activation (default: the weights folder's; gelu_tanh for the release)")
+    p.add_argument("--step-capture", choices=["auto", "eager", "graph", "compile"],
+                   help="how each denoising step / decoded token runs: auto = CUDA graph on CUDA, eager on CPU (default); "
+                        "compile = torch.compile (slow start, faster steps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notices (warnings and errors still show)")
 
 
@@ -79,7 +82,8 @@ def _pipeline(args):
         logger.setLevel(logging.WARNING)
     try:
         pipe = load_pipeline(args.weights, args.device, args.dtype, double_bos=args.double_bos, connector_act=args.connector_act,
-                             max_new_tokens=getattr(args, "max_new_tokens", None), resize=getattr(args, "resize", None))
+                             max_new_tokens=getattr(args, "max_new_tokens", None), resize=getattr(args, "resize", None),
+                             step_capture=args.step_capture)
     finally:
         logger.setLevel(level)
     check_finite(pipe.model, pipe.folder)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from unix.config import ModelConfig
 from unix.errors import UserError
 from unix.infer.images import ImageSettings, sample_latents
 from unix.infer.io import fit_image, read_image
@@ -34,6 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Optional, in a weights folder: the image sampling defaults that model was measured best with
 # (like transformers' generation_config.json). Command-line values still win.
 SAMPLING_FILE = "sampling.json"
+CAPTURE_MODES = typing.get_args(typing.get_type_hints(ModelConfig)["step_capture"])
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(ImageSettings) if f.name != "size")  # size is the caller's
 
 
@@ -143,14 +146,15 @@ class Pipeline:
         sampling.json, the ImageSettings defaults."""
         return ImageSettings(**{**self.sampling, **{k: v for k, v in given.items() if v is not None}})
 
-    def images(self, prompts: list[str], seeds: list[int], settings: ImageSettings | None = None) -> list[np.ndarray]:
-        """Prompts -> uint8 grayscale images (size x size); settings default to `image_settings()`."""
+    def images(self, prompts: list[str], seeds: list[int], settings: ImageSettings | None = None, on_step=None) -> list[np.ndarray]:
+        """Prompts -> uint8 grayscale images (size x size); settings default to `image_settings()`;
+        `on_step(done, total)` after each denoising step."""
         settings = settings or self.image_settings()
         for p in prompts:
             if not p.strip():
                 raise UserError("empty prompt")
         self.cfg.token_grid(settings.size)
-        z = sample_latents(self.model, self.tokenizer, prompts, seeds, settings)
+        z = sample_latents(self.model, self.tokenizer, prompts, seeds, settings, on_step)
         x = self.codec.decode(z.to(self.dtype)).float()  # (B, 3, H, W) in about [-1, 1]
         gray = (x / 2 + 0.5).clamp(0, 1).mean(dim=1)
         return [(g * 255).round().to(torch.uint8).cpu().numpy() for g in gray]
@@ -158,10 +162,12 @@ class Pipeline:
 
 def load_pipeline(weights: str | Path | None = None, device: str = "auto", dtype: str | None = None,
                   double_bos: bool | None = None, connector_act: str | None = None,
-                  max_new_tokens: int | None = None, resize: str | None = None) -> Pipeline:
+                  max_new_tokens: int | None = None, resize: str | None = None, step_capture: str | None = None) -> Pipeline:
     """Load model + tokenizer from a weights folder (default: the embedded phantom-tiny model).
     The inference settings are the folder's (its inference.json, the release's values for the
-    authors' release, else our defaults: unix/weights/inference.py); non-None arguments win."""
+    authors' release, else our defaults: unix/weights/inference.py); non-None arguments win.
+    `step_capture`: how sampling and decoding steps run (ModelConfig.step_capture; default "auto":
+    CUDA graphs on CUDA, eager elsewhere)."""
     folder = resolve_weights(weights)
     dev = resolve_device(device)
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
@@ -169,11 +175,17 @@ def load_pipeline(weights: str | Path | None = None, device: str = "auto", dtype
         raise UserError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
     if not folder.is_dir():
         raise UserError(f"weights folder not found: {folder}")
+    if step_capture is not None and step_capture not in CAPTURE_MODES:
+        raise UserError(f"unknown step capture {step_capture!r} ({', '.join(CAPTURE_MODES)})")
+    if step_capture == "graph" and dev.type != "cuda":
+        raise UserError(f"step capture 'graph' records CUDA graphs; the device is {dev.type} (use compile or eager)")
     given = {"double_bos": double_bos, "connector_act": connector_act, "max_new_tokens": max_new_tokens, "resize": resize}
     inference = resolve_inference(folder, read_model_config(folder), is_released(folder), given)  # before the slow load
     model, _ = load_model(folder, device=dev, dtype=DTYPES[dtype])
     if inference.connector_act != model.cfg.vision.connector_act:
         model.cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, connector_act=inference.connector_act))
         model.connector.set_act(inference.connector_act)
+    if step_capture is not None:
+        model.cfg = dataclasses.replace(model.cfg, step_capture=step_capture)
     tokenizer = Tokenizer.from_folder(folder, model.cfg.tokens, double_bos=inference.double_bos)
     return Pipeline(model, tokenizer, folder, dev, DTYPES[dtype], read_sampling_defaults(folder), inference)

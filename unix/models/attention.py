@@ -8,6 +8,8 @@ all computed from it, so they cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from dataclasses import dataclass
 from enum import IntEnum
@@ -15,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class Mode(IntEnum):
@@ -68,7 +72,8 @@ def dense_mask(q: TokenMeta, k: TokenMeta) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Backends. Each takes q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) and returns (B, H, Lq, Dh).
-# A plan is built once per forward from the metadata and reused by every layer.
+# A plan is built once per layout from the metadata and reused by every layer (and, in inference,
+# by every step with that layout).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -148,7 +153,7 @@ class FlexPlan:
     """FlexAttention with a block mask built from the same rule (skips fully masked blocks)."""
 
     def __init__(self, q: TokenMeta, k: TokenMeta, compiled: bool | None = None):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
         qf, kf = q.fields(), k.fields()
 
@@ -161,12 +166,26 @@ class FlexPlan:
         self.block_mask = create_block_mask(mask_mod, B, None, Lq, Lk, device=device)
         if compiled is None:
             compiled = device.type == "cuda"
-        self.fn = torch.compile(flex_attention) if compiled else flex_attention
+        self.fn = _compiled_flex() if compiled else _eager_flex
 
     def __call__(self, q, k, v):
-        with warnings.catch_warnings():  # eager flex (CPU tests) warns that it is unfused; we know
-            warnings.simplefilter("ignore", UserWarning)
-            return self.fn(q, k, v, block_mask=self.block_mask)
+        return self.fn(q, k, v, block_mask=self.block_mask)
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    """One compiled flex_attention per process: a new torch.compile wrapper per plan would compile again."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _eager_flex(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # eager flex (CPU tests) warns that it is unfused; we know
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask)
 
 
 class VarlenPlan:
@@ -176,35 +195,37 @@ class VarlenPlan:
     the earlier segments plus the whole segment; flash's bottom-right causal alignment then trims
     it per row), so the plan is derived from `visible()` too. Causal and bidirectional segments
     go in two calls. `kernel` defaults to flash_attn_varlen_func; tests pass a reference kernel.
+    The plan is built with whole-tensor operations (a few host syncs per plan, none per segment),
+    and only (segments x Lk) of the rule is evaluated, never a dense Lq x Lk mask.
     """
 
     def __init__(self, q: TokenMeta, k: TokenMeta, kernel: Callable | None = None):
         self.kernel = kernel or _flash_varlen_kernel()
-        mask = dense_mask(q, k)[:, 0]  # (B, Lq, Lk)
-        groups = {True: ([], [], [0], [0]), False: ([], [], [0], [0])}  # q_idx, k_idx, cu_q, cu_k
         B, Lq = q.sample.shape
         Lk = k.sample.shape[1]
-        for b in range(B):
-            key = torch.stack([q.sample[b], q.segment[b]], dim=1)
-            # Runs of equal (sample, segment) along the query sequence: one segment each.
-            change = torch.ones(Lq, dtype=torch.bool, device=key.device)
-            change[1:] = (key[1:] != key[:-1]).any(dim=1)
-            starts = torch.nonzero(change).flatten().tolist() + [Lq]
-            for s, e in zip(starts[:-1], starts[1:]):
-                keys = torch.nonzero(mask[b, e - 1]).flatten()
-                causal = bool(q.mode[b, s] == Mode.CAUSAL)
-                q_idx, k_idx, cu_q, cu_k = groups[causal]
-                q_idx.append(b * Lq + torch.arange(s, e, device=key.device))
-                k_idx.append(b * Lk + keys)
-                cu_q.append(cu_q[-1] + e - s)
-                cu_k.append(cu_k[-1] + len(keys))
+        device = q.sample.device
+        qf = [t.reshape(-1) for t in q.fields()]  # (B*Lq,) each: the rows one after another
+        row = torch.arange(B, device=device).repeat_interleave(Lq)
+        # A segment is a run of equal (row, sample, segment) along the flattened queries.
+        new = torch.ones(B * Lq, dtype=torch.bool, device=device)
+        new[1:] = (row[1:] != row[:-1]) | (qf[0][1:] != qf[0][:-1]) | (qf[1][1:] != qf[1][:-1])
+        starts = torch.nonzero(new).flatten()  # (S,)
+        ends = torch.cat([starts[1:], starts.new_tensor([B * Lq])])
+        last, seg_row = ends - 1, row[ends - 1]
+        keys = visible(*(t[last, None] for t in qf), *(t[seg_row] for t in k.fields()))  # (S, Lk)
+        causal = qf[2][last] == _CAUSAL
+        seg_of_query = torch.cumsum(new, 0) - 1
+        q_len, k_len = ends - starts, keys.sum(1)
         self.calls = []
-        for causal, (q_idx, k_idx, cu_q, cu_k) in groups.items():
-            if q_idx:
-                dev = q.sample.device
-                cq, ck = torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev)
-                mq, mk = int((cq[1:] - cq[:-1]).max()), int((ck[1:] - ck[:-1]).max())
-                self.calls.append((causal, torch.cat(q_idx), torch.cat(k_idx), cq, ck, mq, mk))
+        for is_causal, pick in ((True, causal), (False, ~causal)):
+            if not bool(pick.any()):
+                continue
+            seg, col = torch.nonzero(keys & pick[:, None], as_tuple=True)  # grouped by segment, in key order
+            cu_q = F.pad(q_len[pick].cumsum(0), (1, 0)).int()
+            cu_k = F.pad(k_len[pick].cumsum(0), (1, 0)).int()
+            max_q, max_k = torch.stack([q_len[pick].max(), k_len[pick].max()]).tolist()
+            q_idx = torch.nonzero(pick[seg_of_query]).flatten()
+            self.calls.append((is_causal, q_idx, seg_row[seg] * Lk + col, cu_q, cu_k, max_q, max_k))
 
     def __call__(self, q, k, v):
         B, H, Lq, Dh = q.shape
@@ -218,16 +239,41 @@ class VarlenPlan:
         return out.view(B, Lq, H, Dh).transpose(1, 2)
 
 
+class StepPlan:
+    """SDPA for decoding into a fixed-shape cache: one query per row, the same key length at every
+    step. The masks of all planned queries (B, S) against every cache column are built once from
+    `visible()`; a step picks its row with a device-side index, so nothing is rebuilt or read back
+    to the host (columns not yet written are hidden by the causal rule or hold padding metadata)."""
+
+    def __init__(self, q: TokenMeta, k: TokenMeta):
+        self.masks = dense_mask(q, k)  # (B, 1, S, Lk)
+
+    def at(self, step: torch.Tensor) -> Callable:
+        """The attention of query `step` ((1,) long on the device) of every row."""
+        mask = self.masks.index_select(2, step)  # (B, 1, 1, Lk)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def _flash_varlen_kernel() -> Callable:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        raise RuntimeError("attention backend 'flash' needs the flash-attn package (pip install 'unix[gpu]')") from None
+    flash_attn_varlen_func = _flash_varlen_function()
+    if flash_attn_varlen_func is None:
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package (pip install 'unix[gpu]')")
 
     def kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal):
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
 
     return kernel
+
+
+@functools.cache
+def _flash_varlen_function() -> Callable | None:
+    """flash_attn_varlen_func, or None when flash-attn is not installed. Imported once per process:
+    a failed import searches sys.path again every time it is tried."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
 
 def varlen_reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal):
@@ -244,19 +290,33 @@ def varlen_reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal):
     return out
 
 
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # the only dtypes flash-attention's kernels take
+
+
 def flash_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return _flash_varlen_function() is not None and torch.cuda.is_available()
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto' picks flash-attention on CUDA when installed, else SDPA."""
-    if name == "auto":
-        return "flash" if device.type == "cuda" and flash_available() else "sdpa"
-    return name
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'auto' picks flash-attention on CUDA when it is installed and q/k/v come in fp16/bf16 (`dtype`:
+    the compute dtype), else SDPA, saying once why flash was passed over. A named backend is used as named."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "sdpa"
+    if _flash_varlen_function() is None:
+        _notice(logging.INFO, "flash-attn is not installed: attention runs on SDPA")
+        return "sdpa"
+    if dtype not in FLASH_DTYPES:
+        _notice(logging.WARNING, f"flash-attention takes fp16/bf16 and this model computes in {dtype}: attention runs on SDPA")
+        return "sdpa"
+    return "flash"
+
+
+@functools.cache
+def _notice(level: int, message: str) -> None:
+    """Log a message once per process (a fallback chosen at every forward would repeat it)."""
+    log.log(level, message)
 
 
 def build_plan(backend: str, q: TokenMeta, k: TokenMeta):

@@ -8,7 +8,11 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (as Qwen2RMSNorm)."""
+    """x * rsqrt(mean(x^2) + eps) * weight: the statistics in float32, cast back to x's dtype, then
+    times the weight (Qwen2RMSNorm's order, reference section 1.2). The product is cast to x's dtype
+    too: with float32 weights under bf16 autocast it would otherwise come out in float32 and carry
+    q/k into attention in float32 (flash-attention takes only fp16/bf16). With weights in x's dtype
+    (every released-weights path) that last cast does nothing."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -19,7 +23,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (self.weight * x.to(dtype)).to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -57,8 +61,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, L, Dh) rotated by the per-token angles."""
-    return x * cos + rotate_half(x) * sin
+    """x (B, H, L, Dh) rotated by the per-token angles, in x's dtype (tables in float32 under
+    autocast would otherwise promote q/k to float32)."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -8,6 +8,7 @@ each token goes through its own branch's output projection, norm and MLP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,6 +66,18 @@ class Route:
                    torch.nonzero(const).flatten())
 
 
+@dataclass
+class Layout:
+    """What a forward derives from where its tokens are, not from their values: which branch each
+    token takes, its rotary angles and the attention plan. Built once per layout and reused by
+    every step that has it (each denoising step of an image, each decoded token)."""
+
+    route: Route
+    cos: torch.Tensor  # (B, 1, L, Dh) rotary tables, broadcast over heads
+    sin: torch.Tensor
+    attend: Callable  # attend(q, k, v) -> (B, H, L, Dh): the attention plan
+
+
 def _by_branch(route: Route, x: torch.Tensor, und_fn, gen_fn):
     """Apply und_fn to und tokens and gen_fn to gen tokens of flat x (B*L, ...); results scattered back."""
     const = route.const_idx
@@ -97,7 +110,7 @@ class MoTLayer(nn.Module):
         B, L, D = h.shape
         flat = h.reshape(B * L, D)
 
-        def qkv_of(branch):
+        def qkv_of(branch):  # q, k, v all in the compute dtype (RMSNorm casts back), so cat keeps it
             return lambda x: torch.cat(branch.qkv(x), dim=-1)  # (M, H, 3*Dh): one scatter for q, k, v
 
         qkv = _by_branch(route, flat, qkv_of(self.und), qkv_of(self.gen))
@@ -126,10 +139,10 @@ class MoTDecoder(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.checkpointing = False  # activation checkpointing per layer (training)
 
-    def forward(self, h, position_ids, route: Route, attend, caches=None, hidden_at: int | None = None):
+    def forward(self, h, layout: Layout, caches=None, hidden_at: int | None = None):
         """Returns the final-normed hidden states (B, L, D) and, if asked, the hidden states after
         layer `hidden_at` (0-based; used by REPA)."""
-        cos, sin = self.rope(position_ids, h.dtype)
+        route, cos, sin, attend = layout.route, layout.cos, layout.sin, layout.attend
         tapped = None
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None

@@ -11,7 +11,7 @@ from torch import nn
 from unix.config import ModelConfig
 from unix.models.attention import Mode, TokenMeta, build_plan, resolve_backend
 from unix.models.embeddings import TimestepEmbedder, sincos_2d_table
-from unix.models.mot import MoTDecoder, Route
+from unix.models.mot import Layout, MoTDecoder, Route
 from unix.models.sequence import Kind, PackedBatch
 from unix.models.vision import Connector, SiglipVisionTower
 
@@ -147,6 +147,24 @@ class UniX(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype q/k/v reach attention in: autocast's where it is on, else the weights'."""
+        device = self.embed_tokens.weight.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.embed_tokens.weight.dtype
+
+    def layout(self, batch: PackedBatch, keys_meta: TokenMeta | None = None, backend: str | None = None,
+               const: torch.Tensor | None = None) -> Layout:
+        """Route, rotary tables and attention plan of a batch whose tokens attend to keys with
+        metadata `keys_meta` (default: the batch's own tokens). A function of where the tokens are
+        only: inference builds it once per layout."""
+        device = batch.input_ids.device
+        backend = resolve_backend(backend or self.cfg.attn_backend, device, self.compute_dtype())
+        keys_meta = batch.meta if keys_meta is None else keys_meta
+        cos, sin = self.decoder.rope(self.rope_positions(batch), self.embed_tokens.weight.dtype)
+        return Layout(Route.from_mask(batch.is_gen, const), cos, sin, build_plan(backend, batch.meta, keys_meta))
+
     def forward(
         self,
         batch: PackedBatch,
@@ -160,12 +178,9 @@ class UniX(nn.Module):
         computed (none by default: the vocabulary projection is the costliest head). With `caches`
         (one per layer) and `past_meta`, the batch's tokens attend to the cached tokens too."""
         h = self.embed(batch)
-        backend = resolve_backend(backend or self.cfg.attn_backend, h.device)
-        keys_meta = batch.meta if past_meta is None else past_meta.cat(batch.meta)
-        attend = build_plan(backend, batch.meta, keys_meta)
         const = self._und_constants(batch) if self.training and torch.is_grad_enabled() and caches is None else None
-        route = Route.from_mask(batch.is_gen, const)
-        hidden, tapped = self.decoder(h, self.rope_positions(batch), route, attend, caches, hidden_at)
+        layout = self.layout(batch, None if past_meta is None else past_meta.cat(batch.meta), backend, const)
+        hidden, tapped = self.decoder(h, layout, caches, hidden_at)
         logits = self.lm_head(hidden[logits_at]) if logits_at is not None else None
         velocity = self.llm2vae(hidden[batch.is_gen]) if batch.latents is not None else None
         return ModelOutput(logits, velocity, hidden, tapped)
