@@ -49,6 +49,17 @@ def test_report_and_generate_actions(demo, tmp_path):
     assert seen == [k / 5 for k in range(1, 6)]  # the page's progress bar: one update per denoising step
 
 
+def test_far_input_is_flagged_in_the_page(demo, tmp_path):
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"  # 1 x 300: nothing like the 256 px phantom images the model saw
+    Image.fromarray(np.full((1, 300), 128, np.uint8)).save(strip)
+    text = demo.report(str(strip), "")
+    assert text.startswith("Note: this image is far from the images") and "aspect ratio" in text
+    assert "FINDINGS:" in text  # flagged, never refused
+    assert not demo.report(str(EXAMPLE), "").startswith("Note:")
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda d, bad: d.report(None, ""), "upload a chest X-ray"),
     (lambda d, bad: d.report(str(bad), ""), "not a readable image"),

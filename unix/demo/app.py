@@ -59,10 +59,21 @@ class Demo:
 
         if not image_path:
             raise UserError("upload a chest X-ray first (PNG, JPG or DICOM)")
-        _read(image_path)  # the CLI's reader: a bad file is named here
+        image = _read(image_path)  # the CLI's reader: a bad file is named here
         instruction = (instruction or "").strip()
         settings = ReportSettings(instruction=instruction) if instruction else ReportSettings()
-        return self.pipe.reports([image_path], settings)[0]
+        report = self.pipe.reports([image_path], settings)[0]
+        far = self.far_from_training(image)
+        return report if not far else "Note: this image is far from the images these weights were trained on (" + \
+            "; ".join(far) + "): read the report with that in mind.\n\n" + report
+
+    def far_from_training(self, image) -> list[str]:
+        """The CLI's out-of-domain reasons for an image (nothing when the folder has no statistics)."""
+        from unix.infer.domain import far_from_training, read_input_stats
+
+        if not hasattr(self, "_stats"):
+            self._stats = read_input_stats(self.pipe.folder)
+        return [] if self._stats is None else far_from_training(image, self._stats)
 
     def generate(self, prompt: str, seed: float, guidance: float, steps: float, size: str, progress=None):
         prompt = (prompt or "").strip()
